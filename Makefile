@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create the virtual
+# environment and install flashtrain into it when it is missing or out of date.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.flashtrain-installed
+ARGS ?=
+
+.PHONY: install run test test-unit test-integration test-gpu lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m flashtrain.jobs.imagenet $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q -rs tests/gpu
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q tests/integration
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -rs tests/gpu
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check flashtrain tests
+	$(VENV)/bin/ruff format --check flashtrain tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
