@@ -1,0 +1,131 @@
+"""The training clock: epoch, step, data cursor, global batch, learning rate and the
+samples consumed per epoch.
+
+:class:`TrainingClock` is pure (no Ray); :class:`ScheduleActor` is the one Ray actor
+that owns it during a run, the single authority the driver and workers take the
+current global batch and learning rate from. Because every position is expressed in
+samples of the epoch's permutation, the clock does not care how many workers there
+are: a resize or a rollback only moves the clock back to a committed state.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import ray
+
+from flashtrain.config import ScheduleConfig
+from flashtrain.schedule import global_batch_at, learning_rate, phase_at
+from flashtrain.sharding import step_batch
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything a worker needs to run one global step the same way as its peers."""
+
+    global_step: int
+    epoch: int
+    cursor: int
+    batch: int  # samples in this step (the epoch's last step may fold in the tail)
+    global_batch: int  # the schedule's global batch for this epoch
+    lr: float
+    num_samples: int
+    seed: int
+    min_tail: int
+    phase_grid: str | None
+
+    @property
+    def end_of_epoch(self) -> bool:
+        return self.cursor + self.batch >= self.num_samples
+
+
+@dataclass
+class TrainingClock:
+    """Position of the run. ``samples_per_epoch[e]`` counts the samples trained on in
+    epoch ``e``; with exactly-once sharding it ends equal to the dataset size."""
+
+    num_samples: int
+    seed: int
+    min_tail: int
+    epoch: int = 0
+    cursor: int = 0
+    global_step: int = 0
+    samples_per_epoch: list[int] = field(default_factory=list)
+
+    def position(self) -> float:
+        """Training position in epochs (float)."""
+        return self.epoch + self.cursor / self.num_samples
+
+    def plan(self, schedule: ScheduleConfig) -> StepPlan:
+        """The next step, from the schedule at the current position."""
+        nominal = global_batch_at(schedule, self.epoch)
+        batch = step_batch(self.cursor, self.num_samples, nominal, self.min_tail)
+        return StepPlan(
+            global_step=self.global_step,
+            epoch=self.epoch,
+            cursor=self.cursor,
+            batch=batch,
+            global_batch=nominal,
+            lr=learning_rate(schedule, self.position()),
+            num_samples=self.num_samples,
+            seed=self.seed,
+            min_tail=self.min_tail,
+            phase_grid=phase_at(schedule, self.epoch).grid,
+        )
+
+    def advance(self, plan: StepPlan) -> None:
+        """Record that ``plan`` was trained on by every worker."""
+        if (plan.global_step, plan.epoch, plan.cursor) != (self.global_step, self.epoch, self.cursor):
+            raise ValueError(f"step {plan.global_step} does not start at the clock's position "
+                             f"(step {self.global_step}, epoch {self.epoch}, cursor {self.cursor})")
+        while len(self.samples_per_epoch) <= self.epoch:
+            self.samples_per_epoch.append(0)
+        self.samples_per_epoch[self.epoch] += plan.batch
+        self.global_step += 1
+        self.cursor += plan.batch
+        if self.cursor >= self.num_samples:
+            self.epoch += 1
+            self.cursor = 0
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(asdict(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in copy.deepcopy(state).items():
+            setattr(self, key, value)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class ScheduleActor:
+    """The single authority on the training clock during a run.
+
+    It keeps the live clock and the last committed copy, so the elastic controller can
+    roll the clock back to the same commit the workers roll back to.
+    """
+
+    def __init__(self, schedule: ScheduleConfig, clock_state: dict):
+        self._schedule = schedule
+        self._clock = TrainingClock(**clock_state)
+        self._committed = self._clock.state_dict()
+
+    def next_plan(self) -> StepPlan:
+        return self._clock.plan(self._schedule)
+
+    def advance(self, plan: StepPlan) -> dict:
+        self._clock.advance(plan)
+        return self._clock.state_dict()
+
+    def commit(self) -> dict:
+        self._committed = self._clock.state_dict()
+        return self._committed
+
+    def rollback(self) -> dict:
+        self._clock.load_state_dict(self._committed)
+        return self._clock.state_dict()
+
+    def state(self) -> dict:
+        return self._clock.state_dict()
+
+    def done(self) -> bool:
+        return self._clock.epoch >= self._schedule.epochs

@@ -1,0 +1,76 @@
+"""Reserving workers on the cluster and laying the grid out over them.
+
+One placement group holds a bundle per worker; the driver reads which node each bundle
+landed on and hands :func:`flashtrain.topology.layout_grid` that list, so each row of
+the grid sits on one node wherever the bundles allow it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from flashtrain.config import GridConfig
+
+
+class PlacementTimeoutError(TimeoutError):
+    """The cluster could not provide the requested workers in time."""
+
+
+@dataclass
+class Reservation:
+    """A ready placement group and the node id of each of its bundles."""
+
+    group: PlacementGroup
+    bundle_nodes: list[str]
+
+    def release(self) -> None:
+        remove_placement_group(self.group)
+
+
+def bundle_resources(grid_cfg: GridConfig) -> dict[str, float]:
+    """Resources of one worker's bundle."""
+    if grid_cfg.use_gpu:
+        return {"CPU": grid_cfg.cpus_per_worker, "GPU": 1.0}
+    return {"CPU": grid_cfg.cpus_per_worker}
+
+
+def reserve(grid_cfg: GridConfig, num_workers: int, timeout_s: float,
+            name: str | None = None) -> Reservation:
+    """Reserve ``num_workers`` bundles (PACK: rows want to share a node) and wait until
+    they are placed, at most ``timeout_s``."""
+    bundles = [bundle_resources(grid_cfg) for _ in range(num_workers)]
+    group = placement_group(bundles, strategy="PACK", name=name or "")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        available = ray.available_resources()
+        raise PlacementTimeoutError(
+            f"could not place {num_workers} workers of {bundles[0]} within {timeout_s:.0f}s "
+            f"(cluster has {available.get('CPU', 0):.1f} CPU, {available.get('GPU', 0):.0f} GPU "
+            "free): lower grid.shape or grid.cpus_per_worker, or add nodes")
+    return Reservation(group, bundle_node_ids(group, num_workers))
+
+
+def bundle_node_ids(group: PlacementGroup, num_bundles: int, timeout_s: float = 30.0) -> list[str]:
+    """Node id of each bundle of a ready placement group."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        table = ray.util.placement_group_table(group)
+        nodes = table.get("bundles_to_node_id", {})
+        if len(nodes) >= num_bundles:
+            return [nodes[i] for i in range(num_bundles)]
+        if time.monotonic() > deadline:
+            raise PlacementTimeoutError("placement group is ready but Ray reports no node for "
+                                        f"some bundles after {timeout_s:.0f}s")
+        time.sleep(0.05)
+
+
+def in_bundle(group: PlacementGroup, bundle_index: int) -> PlacementGroupSchedulingStrategy:
+    """Scheduling strategy that puts an actor into one bundle."""
+    return PlacementGroupSchedulingStrategy(placement_group=group,
+                                            placement_group_bundle_index=bundle_index)

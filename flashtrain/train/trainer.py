@@ -1,0 +1,229 @@
+"""The driver's training loop: place the grid, train, validate, checkpoint, report.
+
+``Trainer.train()`` reads like the run: start (or resume) -> loop over steps -> at
+epoch ends validate -> checkpoint -> summary and plots. Membership changes are handed
+to the elastic controller (:mod:`flashtrain.elastic.controller`), which re-forms the
+grid and returns; the loop itself never special-cases a resize.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from flashtrain.config import FlashtrainConfig
+from flashtrain.elastic.controller import ElasticController, GridState, StepFailed
+from flashtrain.schedule import global_batch_at
+from flashtrain.sharding import steps_in_epoch
+from flashtrain.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock
+from flashtrain.train.data import build_datasets
+from flashtrain.train.metrics import MetricsWriter, write_summary
+from flashtrain.train.plots import write_plots
+from flashtrain.train.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunTotals:
+    """Running totals for the summary."""
+
+    samples: int = 0
+    train_seconds: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+    epochs_done: int = 0
+
+
+def max_grid_workers(config: FlashtrainConfig, initial_workers: int) -> int:
+    """The most workers the run can ever have (it sizes the epoch-tail folding)."""
+    sizes = [initial_workers]
+    sizes += [int(r) * int(c) for p in config.schedule.phases if p.grid
+              for r, c in [p.grid.split("x")]]
+    if config.grid.max_workers:
+        sizes.append(config.grid.max_workers)
+    return max(sizes)
+
+
+class Trainer:
+    """Owns one run: the clock actor, the grid (through the controller), the run dir."""
+
+    def __init__(self, config: FlashtrainConfig, run_dir: Path, data_cache: Path,
+                 resume: bool = False, say=print):
+        self.config = config
+        self.run_dir = run_dir
+        self.data_cache = data_cache
+        self.resume = resume
+        self.say = say
+        self.metrics = MetricsWriter(run_dir)
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.totals = RunTotals()
+        self.timeout = config.runtime.remote_timeout_s
+
+    # -- the run -------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        started = time.perf_counter()
+        datasets = build_datasets(self.config.data, self.data_cache)
+        num_samples = len(datasets.train)
+        self.controller = ElasticController(self.config, self.data_cache, self.metrics, self.say)
+        state = self.controller.start()
+        min_tail = self.config.data.min_samples_per_worker * max_grid_workers(
+            self.config, state.grid.num_workers)
+        clock_state, payload = self._initial_state(num_samples, min_tail)
+        self.clock = ScheduleActor.remote(self.config.schedule, clock_state)
+        if payload is not None:
+            self.controller.load_state(payload)
+        self.controller.commit(self.clock)
+        self.metrics.event("start", grid=str(state.grid), dataset_train_size=num_samples,
+                           skipped_files=datasets.skipped_files, resumed=payload is not None,
+                           global_step=clock_state["global_step"])
+        progress = Progress(self._total_steps(num_samples, min_tail), clock_state["global_step"],
+                            enabled=self.config.runtime.progress)
+        try:
+            self._loop(progress)
+        finally:
+            progress.close()
+        final = self._validate(final=True)
+        self._checkpoint()
+        summary = self._summary(datasets, num_samples, time.perf_counter() - started, final)
+        write_summary(self.run_dir, summary)
+        write_plots(self.run_dir)
+        self.metrics.close()
+        return summary
+
+    def close(self) -> None:
+        controller = getattr(self, "controller", None)
+        if controller is not None:
+            controller.shutdown()
+
+    def _loop(self, progress: Progress) -> None:
+        cfg = self.config
+        while not ray.get(self.clock.done.remote(), timeout=self.timeout):
+            plan: StepPlan = ray.get(self.clock.next_plan.remote(), timeout=self.timeout)
+            if cfg.runtime.max_steps is not None and plan.global_step >= cfg.runtime.max_steps:
+                break
+            self.controller.before_step(plan, self.clock)
+            try:
+                results, seconds = self._step(plan)
+            except StepFailed as failure:
+                self.controller.recover(failure, self.clock)
+                continue
+            ray.get(self.clock.advance.remote(plan), timeout=self.timeout)
+            self.controller.after_step(plan)
+            self._record_step(plan, results, seconds, progress)
+            step_done = plan.global_step + 1
+            if step_done % cfg.elastic.commit_every_steps == 0:
+                self.controller.commit(self.clock)
+            if plan.end_of_epoch:
+                self._validate(epoch=plan.epoch)
+            if step_done % cfg.checkpoint.every_steps == 0:
+                self._checkpoint()
+
+    def _step(self, plan: StepPlan) -> tuple[list, float]:
+        state: GridState = self.controller.state
+        begun = time.perf_counter()
+        refs = [member.train_step.remote(plan) for member in state.members]
+        try:
+            results = ray.get(refs, timeout=self.timeout)
+        except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            raise StepFailed(plan, err, refs) from err
+        return results, time.perf_counter() - begun
+
+    # -- records -------------------------------------------------------------------------
+
+    def _record_step(self, plan: StepPlan, results: list, seconds: float, progress: Progress) -> None:
+        samples = sum(r.samples for r in results)
+        loss = sum(r.loss_sum for r in results) / max(samples, 1)
+        self.totals.samples += samples
+        self.totals.train_seconds += seconds
+        grid = str(self.controller.state.grid)
+        record = dict(step=plan.global_step, epoch=plan.epoch, loss=loss, lr=plan.lr,
+                      global_batch=plan.global_batch, samples=samples,
+                      images_per_sec=samples / seconds if seconds > 0 else 0.0, grid=grid,
+                      step_seconds=seconds,
+                      sync_seconds=max(r.sync_s for r in results),
+                      train_acc=sum(r.correct for r in results) / max(samples, 1))
+        if plan.global_step % self.config.runtime.log_every_steps == 0 or plan.end_of_epoch:
+            self.metrics.step(**record)
+        progress.update(epoch=plan.epoch, loss=loss, ips=record["images_per_sec"],
+                        batch=plan.global_batch, lr=plan.lr, grid=grid)
+
+    def _validate(self, epoch: int | None = None, final: bool = False) -> dict:
+        refs = [member.validate.remote() for member in self.controller.state.members]
+        counts = ray.get(refs, timeout=self.timeout)
+        total = sum(c["count"] for c in counts) or 1
+        result = {"top1": sum(c["top1"] for c in counts) / total,
+                  "top5": sum(c["top5"] for c in counts) / total,
+                  "val_loss": sum(c["loss_sum"] for c in counts) / total}
+        clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
+        if not final:
+            self.metrics.epoch(epoch=epoch, samples=clock["samples_per_epoch"][epoch], **result)
+            self.say(f"epoch {epoch}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+                     f"val loss {result['val_loss']:.4f}  grid {self.controller.state.grid}")
+        self.totals.last_eval = result
+        return result
+
+    def _checkpoint(self) -> Path:
+        clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
+        members = self.controller.state.members
+        ray.get([m.average_buffers.remote() for m in members], timeout=self.timeout)
+        state = ray.get(members[0].state.remote(), timeout=self.timeout)
+        payload = {"format": 1, "model": state["model"], "optimizer": state["optimizer"],
+                   "scaler": state["scaler"], "clock": clock,
+                   "config": self.config.model_dump(mode="json"),
+                   "model_name": self.config.model.name,
+                   "num_classes": self.controller.num_classes}
+        path = save_checkpoint(self.checkpoint_dir, clock["global_step"], payload)
+        prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep)
+        self.metrics.event("checkpoint", path=str(path), global_step=clock["global_step"])
+        return path
+
+    def _initial_state(self, num_samples: int, min_tail: int) -> tuple[dict, dict | None]:
+        fresh = TrainingClock(num_samples=num_samples, seed=self.config.data.seed,
+                              min_tail=min_tail).state_dict()
+        if not self.resume:
+            return fresh, None
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            self.say(f"--resume: no valid checkpoint in {self.checkpoint_dir}, starting fresh")
+            return fresh, None
+        payload = load_checkpoint(path)
+        clock = payload["clock"]
+        if clock["num_samples"] != num_samples:
+            raise ValueError(f"checkpoint {path} was trained on {clock['num_samples']} samples "
+                             f"but the dataset now has {num_samples}: resume with the same data")
+        self.say(f"resuming from {path} at global step {clock['global_step']}, "
+                 f"epoch {clock['epoch']}, cursor {clock['cursor']}")
+        return clock, payload
+
+    def _total_steps(self, num_samples: int, min_tail: int) -> int:
+        steps = sum(steps_in_epoch(num_samples, global_batch_at(self.config.schedule, e), min_tail)
+                    for e in range(self.config.schedule.epochs))
+        cap = self.config.runtime.max_steps
+        return min(steps, cap) if cap else steps
+
+    def _summary(self, datasets, num_samples: int, wall: float, final: dict) -> dict:
+        clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
+        ips = self.totals.samples / self.totals.train_seconds if self.totals.train_seconds else 0.0
+        return {
+            "final_top1": final["top1"],
+            "final_top5": final["top5"],
+            "final_val_loss": final["val_loss"],
+            "epochs": clock["epoch"] + (clock["cursor"] / num_samples),
+            "global_steps": clock["global_step"],
+            "images_per_sec": ips,
+            "wall_seconds": wall,
+            "dataset_train_size": num_samples,
+            "dataset_val_size": len(datasets.val),
+            "samples_per_epoch": clock["samples_per_epoch"],
+            "skipped_files": datasets.skipped_files,
+            "reforms": self.controller.reforms,
+            "final_grid": str(self.controller.state.grid),
+            "model": self.config.model.name,
+        }

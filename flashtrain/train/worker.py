@@ -1,0 +1,239 @@
+"""One grid cell: a model replica, its optimizer and its data shard.
+
+The worker is a plain class (so it can be tested in one process) that the driver
+wraps as a Ray actor. It never decides anything about the schedule: every step arrives
+as a :class:`~flashtrain.train.clock.StepPlan` taken from the schedule actor, and the
+worker trains exactly the samples the pure sharding function gives its rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flashtrain import collective
+from flashtrain.config import FlashtrainConfig
+from flashtrain.topology import Grid
+from flashtrain.train.clock import StepPlan
+from flashtrain.train.data import (
+    StepBatchSampler,
+    build_datasets,
+    iterate_steps,
+    make_step_loader,
+    make_val_loader,
+)
+from flashtrain.train.models import build_model, parameter_groups
+
+_COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one worker reports for one step (sums, so the driver can add them up)."""
+
+    global_step: int
+    rank: int
+    samples: int
+    loss_sum: float
+    correct: int
+    compute_s: float
+    sync_s: float
+
+
+class Worker:
+    """A model replica bound to one cell of the current grid."""
+
+    def __init__(self, config: FlashtrainConfig, data_cache: str):
+        self._config = config
+        if not config.grid.use_gpu:
+            torch.set_num_threads(config.grid.torch_threads)
+        self.device = torch.device("cuda" if config.grid.use_gpu else "cpu")
+        collective.register()
+        datasets = build_datasets(config.data, Path(data_cache))
+        self.train_set, self.val_set = datasets.train, datasets.val
+        self.num_classes = datasets.num_classes
+        self.model = build_model(config.model.name, self.num_classes, config.runtime.seed).to(self.device)
+        if config.grid.use_gpu and config.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        opt = config.optimizer
+        self.optimizer = torch.optim.SGD(
+            parameter_groups(self.model, opt.weight_decay, opt.no_decay_bn_bias),
+            lr=0.0, momentum=opt.momentum, nesterov=opt.nesterov)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() == torch.float16)
+        self.comm: collective.GridComm | None = None
+        self.grid: Grid | None = None
+        self.rank = -1
+        self._sync: collective.GradientSynchronizer | None = None
+        self._batches = None  # (key, iterator, expected step starts)
+        self._committed: bytes | None = None
+
+    # -- grid membership -------------------------------------------------------------
+
+    def join(self, grid: Grid, rank: int, generation: int) -> int:
+        """Join the row, column and world groups of ``grid`` as ``rank``."""
+        c = self._config.collective
+        self.comm = collective.join_grid(grid, rank, generation, timeout_s=c.timeout_s,
+                                         backend="nccl" if self._config.grid.use_gpu else "gloo")
+        self.grid, self.rank = grid, rank
+        self._sync = collective.GradientSynchronizer(
+            [p for p in self.model.parameters() if p.requires_grad], self.comm, c.algorithm,
+            bucket_bytes=int(c.bucket_mb * 2**20), comm_dtype=_COMM_DTYPES[c.comm_dtype])
+        self._batches = None
+        return os.getpid()
+
+    def leave(self) -> None:
+        """Leave the current grid's groups (safe after a peer died)."""
+        if self.comm is not None:
+            collective.leave_grid(self.comm)
+        self.comm, self._sync, self._batches = None, None, None
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    # -- training --------------------------------------------------------------------
+
+    def train_step(self, plan: StepPlan) -> StepResult:
+        """Train this rank's share of ``plan`` and apply the synchronised update."""
+        assert self.grid is not None and self._sync is not None, "join a grid first"
+        started = time.perf_counter()
+        images, labels = self._next_batch(plan)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_sum, correct = 0.0, 0
+        if len(labels):
+            with torch.autocast(self.device.type, dtype=self._amp_dtype() or torch.float32,
+                                enabled=self._amp_dtype() is not None):
+                logits = self.model(images)
+                loss = F.cross_entropy(logits.float(), labels,
+                                       label_smoothing=self._config.schedule.label_smoothing)
+            # Weight b_r / B: summing the weighted local means over workers gives the mean
+            # over the global batch, however unevenly it was split.
+            self.scaler.scale(loss * (len(labels) / plan.batch)).backward()
+            loss_sum = float(loss.detach()) * len(labels)
+            correct = int((logits.argmax(1) == labels).sum())
+        computed = time.perf_counter()
+        self._sync.sync(op="sum")
+        synced = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = plan.lr
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return StepResult(plan.global_step, self.rank, len(labels), loss_sum, correct,
+                          computed - started, synced - computed)
+
+    def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's samples of ``plan``; the data stream is rebuilt from the plan's
+        cursor whenever it is not already there (new epoch, new grid, rollback)."""
+        key = (plan.epoch, self.grid, self.rank, plan.global_batch)
+        if self._batches is None or self._batches[0] != key or self._batches[2] != plan.cursor:
+            sampler = StepBatchSampler(
+                num_samples=plan.num_samples, epoch=plan.epoch, start_cursor=plan.cursor,
+                global_batch=plan.global_batch, num_workers=self.grid.num_workers,
+                rank=self.rank, seed=plan.seed, min_tail=plan.min_tail)
+            loader = make_step_loader(self.train_set, sampler, self._config.data.loader_workers)
+            self._batches = [key, iterate_steps(sampler, loader), plan.cursor]
+        step, batch = next(self._batches[1])
+        if (step.cursor, step.batch) != (plan.cursor, plan.batch):
+            raise RuntimeError(f"rank {self.rank}: data stream at step {(step.cursor, step.batch)}"
+                               f", the plan wants {(plan.cursor, plan.batch)}")
+        self._batches[2] = step.end_cursor
+        if batch is None:  # this rank's share of a tiny tail step is empty
+            return torch.empty(0, device=self.device), torch.empty(0, dtype=torch.long)
+        images, labels = batch
+        return (images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True))
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda" or self._config.model.precision == "fp32":
+            return None
+        return torch.bfloat16 if self._config.model.precision == "bf16" else torch.float16
+
+    # -- evaluation and state ----------------------------------------------------------
+
+    def average_buffers(self) -> None:
+        """Average BatchNorm running statistics over all workers, so every replica (and
+        the checkpoint) holds the same model."""
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        if not buffers or self.comm is None:
+            return
+        flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+        collective.allreduce_(flat, self.comm, algorithm="flat", op="mean")
+        offset = 0
+        for buffer in buffers:
+            buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+
+    @torch.no_grad()
+    def validate(self, batch_size: int = 256) -> dict:
+        """Top-1/top-5 counts and loss sum over this rank's slice of the validation set."""
+        self.average_buffers()
+        self.model.eval()
+        top1 = top5 = count = 0
+        loss_sum = 0.0
+        for images, labels in make_val_loader(self.val_set, self.rank, self.grid.num_workers,
+                                              batch_size):
+            images, labels = images.to(self.device), labels.to(self.device)
+            logits = self.model(images).float()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += int((best[:, 0] == labels).sum())
+            top5 += int((best == labels[:, None]).any(dim=1).sum())
+            count += len(labels)
+        return {"top1": top1, "top5": top5, "count": count, "loss_sum": loss_sum}
+
+    def state(self) -> dict:
+        """Model and optimizer state on the CPU (for checkpoints and newcomers)."""
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self._batches = None
+
+    def commit(self) -> int:
+        """Keep an in-memory copy of the state; returns its size in bytes."""
+        buffer = io.BytesIO()
+        torch.save(self.state(), buffer)
+        self._committed = buffer.getvalue()
+        return len(self._committed)
+
+    def committed_state(self) -> dict:
+        if self._committed is None:
+            raise RuntimeError(f"rank {self.rank} has no commit yet")
+        return torch.load(io.BytesIO(self._committed), weights_only=False)
+
+    def rollback(self) -> None:
+        """Return to the last commit."""
+        self.load_state(self.committed_state())
+
+    def stall(self, seconds: float) -> None:
+        """Fault injection: block this worker (its peers then hit the collective timeout)."""
+        time.sleep(seconds)
+
+    def ping(self) -> bool:
+        return True
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return copy.deepcopy(value)
