@@ -120,6 +120,9 @@ class Worker:
             self.scaler.scale(loss * (len(labels) / plan.batch)).backward()
             loss_sum = float(loss.detach()) * len(labels)
             correct = int((logits.argmax(1) == labels).sum())
+        for param in self.model.parameters():
+            if param.requires_grad and param.grad is None:  # an empty share still syncs zeros
+                param.grad = torch.zeros_like(param)
         computed = time.perf_counter()
         self._sync.sync(op="sum")
         synced = time.perf_counter()

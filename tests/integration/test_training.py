@@ -1,0 +1,151 @@
+"""The training system end to end on a real local Ray: CPU actors, gloo, real images.
+
+In-process runs use the Trainer directly (one Ray per test module); the command-line
+tests run ``python -m flashtrain.jobs.imagenet`` as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+
+from flashtrain.config import load_config
+from flashtrain.schedule import split_batch
+from flashtrain.sharding import shard_indices
+from flashtrain.train.checkpoint import latest_checkpoint, load_checkpoint
+from flashtrain.train.clock import TrainingClock
+from flashtrain.train.data import build_datasets
+from flashtrain.train.models import build_model, parameter_groups
+from flashtrain.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run_trainer(config, run_dir: Path, data_cache: Path, resume=False) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, run_dir, data_cache, resume=resume, say=lambda m: None)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+EXACT = [
+    "model.name=tiny_cnn", "data.source=synthetic", "data.synthetic_samples=150",
+    "data.image_size=16", "grid.shape=2x2", "grid.cpus_per_worker=0.25",
+    # 30 over 4 workers is 8, 8, 7, 7: uneven shares.
+    "schedule.epochs=1", "schedule.phases=[{start_epoch: 0, global_batch: 30}]",
+    "schedule.warmup_epochs=0.5", "schedule.label_smoothing=0.1", "runtime.max_steps=4",
+    "runtime.progress=false", "collective.bucket_mb=0.001", "optimizer.weight_decay=0.001",
+]
+
+
+def reference_parameters(config, steps: int) -> dict:
+    """One process, the same global batches, the textbook update: no grid at all."""
+    data = build_datasets(config.data)
+    model = build_model("tiny_cnn", data.num_classes, config.runtime.seed)
+    opt_cfg = config.optimizer
+    optimizer = torch.optim.SGD(parameter_groups(model, opt_cfg.weight_decay, True), lr=0.0,
+                                momentum=opt_cfg.momentum)
+    clock = TrainingClock(num_samples=len(data.train), seed=config.data.seed, min_tail=8)
+    for _ in range(steps):
+        plan = clock.plan(config.schedule)
+        indices = shard_indices(epoch=plan.epoch, cursor=plan.cursor, batch=plan.batch,
+                                num_workers=1, rank=0, num_samples=plan.num_samples, seed=plan.seed)
+        images = torch.stack([data.train[int(i)][0] for i in indices])
+        labels = torch.tensor([data.train[int(i)][1] for i in indices])
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels, label_smoothing=0.1).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = plan.lr
+        optimizer.step()
+        clock.advance(plan)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("algorithm", ["torus", "flat", "hierarchical"])
+def test_uneven_shards_match_single_process_sgd(local_ray, tmp_path, algorithm):
+    assert split_batch(30, 4) == [8, 8, 7, 7]
+    config = load_config(None, EXACT + [f"collective.algorithm={algorithm}"])
+    summary = run_trainer(config, tmp_path / "run", tmp_path / "cache")
+    assert summary["global_steps"] == 4
+    trained = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))["model"]
+    expected = reference_parameters(config, 4)
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # And the parameters moved: the comparison is not between two untouched models.
+    initial = build_model("tiny_cnn", 10, config.runtime.seed).state_dict()
+    assert any(not torch.allclose(initial[k], expected[k]) for k in expected)
+
+
+SMOKE = ["model.name=tiny_cnn", "grid.shape=2x2", "grid.cpus_per_worker=0.25",
+         "schedule.epochs=2", "schedule.phases=[{start_epoch: 0, global_batch: 64}, "
+         "{start_epoch: 1, global_batch: 128}]", "schedule.base_lr=0.8",
+         "schedule.warmup_epochs=0.2", "runtime.progress=false", "checkpoint.every_steps=7",
+         "collective.bucket_mb=1"]
+
+
+def test_digits_run_writes_a_complete_run_directory(local_ray, tmp_path):
+    config = load_config(None, SMOKE)
+    run_dir = tmp_path / "run"
+    summary = run_trainer(config, run_dir, tmp_path / "cache")
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    size = summary["dataset_train_size"]
+    assert size > 1000 and summary["samples_per_epoch"] == [size, size]
+    assert summary["skipped_files"] == 0 and summary["reforms"] == []
+    assert 0 <= summary["final_top5"] <= 1 and summary["final_top1"] > 0.3  # chance is 0.1
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(summary["global_steps"]))
+    assert {r["global_batch"] for r in steps} == {64, 128}
+    assert len([r for r in records if r["kind"] == "epoch"]) == 2
+    for png in ("loss.png", "top1.png", "batch_lr.png"):
+        assert (run_dir / png).stat().st_size > 1000
+    # Saved weights load into a plain torchvision-style model of the same name.
+    payload = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    model = build_model("tiny_cnn", 10, 0)
+    model.load_state_dict(payload["model"])
+
+
+def test_resume_continues_at_the_same_step_and_cursor(local_ray, tmp_path):
+    run_dir = tmp_path / "run"
+    first = load_config(None, SMOKE + ["runtime.max_steps=20"])
+    stopped = run_trainer(first, run_dir, tmp_path / "cache")
+    assert stopped["global_steps"] == 20
+    clock = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["clock"]
+    assert clock["global_step"] == 20 and clock["epoch"] == 0 and clock["cursor"] == 20 * 64
+    resumed = run_trainer(load_config(None, SMOKE), run_dir, tmp_path / "cache", resume=True)
+    size = resumed["dataset_train_size"]
+    assert resumed["samples_per_epoch"] == [size, size]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    # Steps 0..19 from the first run, 20.. from the resumed one: no step twice, none lost.
+    assert Counter(steps) == Counter(range(resumed["global_steps"]))
+
+
+def test_cli_rejects_an_existing_run_dir_and_keeps_it(tmp_path):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("precious")
+    result = subprocess.run([sys.executable, "-m", "flashtrain.jobs.imagenet", "--run-dir",
+                             str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--resume" in result.stderr
+    assert (run_dir / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]

@@ -1,0 +1,265 @@
+"""Datasets, the digits folder and the per-step sampler of flashtrain.train.data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flashtrain.config import DataConfig
+from flashtrain.sharding import epoch_permutation
+from flashtrain.train.data import (
+    StepBatchSampler,
+    build_datasets,
+    ensure_digits_imagefolder,
+    iterate_steps,
+    make_step_loader,
+    make_val_loader,
+    val_slice,
+)
+
+DIGITS_PER_CLASS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn's load_digits
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_digits_imagefolder(tmp_path_factory.mktemp("cache") / "digits")
+
+
+def _files(folder: Path) -> dict[str, list[Path]]:
+    return {c.name: sorted(c.iterdir()) for c in sorted(folder.iterdir()) if c.is_dir()}
+
+
+# --------------------------------------------------------------------------- digits folder
+
+
+def test_digits_folder_has_stratified_counts(digits_dir: Path) -> None:
+    train, val = _files(digits_dir / "train"), _files(digits_dir / "val")
+    assert list(train) == list(val) == [f"n{label:08d}" for label in range(10)]
+    marker = json.loads((digits_dir / "flashtrain-digits.json").read_text())
+    for label, wnid in enumerate(train):
+        num_train, num_val = len(train[wnid]), len(val[wnid])
+        assert num_train + num_val == DIGITS_PER_CLASS[label]
+        assert num_val == round(DIGITS_PER_CLASS[label] * 0.2)  # stratified ~80/20 per class
+        assert marker["per_class"]["train"][wnid] == num_train
+        assert marker["per_class"]["val"][wnid] == num_val
+    assert marker["train"] + marker["val"] == 1797
+    train_names = {p.name for files in train.values() for p in files}
+    val_names = {p.name for files in val.values() for p in files}
+    assert not train_names & val_names  # no image in both splits
+
+
+def test_digits_files_are_real_images(digits_dir: Path) -> None:
+    paths = sorted(digits_dir.glob("*/*/*.JPEG"))
+    assert len(paths) == 1797
+    for path in paths[::50]:
+        with Image.open(path) as image:
+            assert image.format == "JPEG"
+            assert image.size == (32, 32)
+            pixels = np.asarray(image.convert("L"))
+        assert pixels.max() > 128 and pixels.min() < 64  # a white digit on black, not blank
+
+
+def test_second_call_does_not_rewrite(digits_dir: Path) -> None:
+    marker = digits_dir / "flashtrain-digits.json"
+    before = {p: p.stat().st_mtime_ns for p in [marker, *digits_dir.glob("train/*/*")]}
+    assert ensure_digits_imagefolder(digits_dir) == digits_dir
+    after = {p: p.stat().st_mtime_ns for p in [marker, *digits_dir.glob("train/*/*")]}
+    assert before == after
+    assert not [p for p in digits_dir.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_foreign_folder_is_never_deleted(tmp_path: Path) -> None:
+    cache = tmp_path / "digits"
+    (cache / "train" / "cat").mkdir(parents=True)
+    (cache / "train" / "cat" / "precious.JPEG").write_bytes(b"someone's data")
+    with pytest.raises(FileExistsError, match="not a flashtrain digits folder"):
+        ensure_digits_imagefolder(cache)
+    assert (cache / "train" / "cat" / "precious.JPEG").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "digits.lock"]
+
+
+def test_empty_or_outdated_folder_is_filled(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert len(list(ensure_digits_imagefolder(empty).glob("*/*/*.JPEG"))) == 1797
+    outdated = tmp_path / "outdated"
+    (outdated / "train").mkdir(parents=True)
+    (outdated / "flashtrain-digits.json").write_text('{"format": 0}')
+    ensure_digits_imagefolder(outdated)
+    assert len(list(outdated.glob("*/*/*.JPEG"))) == 1797
+    assert json.loads((outdated / "flashtrain-digits.json").read_text())["format"] == 1
+
+
+def _ensure_in_child(cache: str) -> None:
+    ensure_digits_imagefolder(Path(cache))
+
+
+def test_concurrent_callers_build_one_valid_folder(tmp_path: Path) -> None:
+    cache = tmp_path / "digits"
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_ensure_in_child, args=(str(cache),)) for _ in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert len(list(cache.glob("*/*/*.JPEG"))) == 1797
+    assert json.loads((cache / "flashtrain-digits.json").read_text())["train"] > 1400
+    assert [p.name for p in tmp_path.iterdir() if p.name != "digits.lock"] == ["digits"]
+
+
+def test_build_datasets_digits(digits_dir: Path) -> None:
+    pair = build_datasets(DataConfig(source="digits", image_size=32), cache_dir=digits_dir)
+    assert (len(pair.train), len(pair.val), pair.num_classes, pair.skipped_files) == (1438, 359, 10, 0)
+    image, label = pair.train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+    names = [type(t).__name__ for t in pair.train.transform.transforms]
+    assert "RandomHorizontalFlip" not in names  # a mirrored digit is another symbol
+    val_image, _ = pair.val[0]
+    assert torch.equal(val_image, pair.val[0][0])  # evaluation is deterministic
+
+
+# --------------------------------------------------------------------------- imagefolder
+
+
+def _write_png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), (value, 255 - value, 40)).save(path)
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for split, count in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            for n in range(count):
+                _write_png(tmp_path / split / cls / f"{cls}_{n}.png", 30 * n)
+    (tmp_path / "train" / "cat" / "garbage.JPEG").write_bytes(b"not an image at all")
+    good = (tmp_path / "train" / "dog" / "dog_0.png").read_bytes()
+    (tmp_path / "val" / "dog" / "torn.png").write_bytes(good[:20])
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image, not counted")
+
+    cfg = DataConfig(source="imagefolder", root=str(tmp_path), image_size=8)
+    with caplog.at_level(logging.WARNING, logger="flashtrain.train.data"):
+        pair = build_datasets(cfg)
+    assert pair.skipped_files == 2
+    assert (len(pair.train), len(pair.val), pair.num_classes) == (8, 4, 2)
+    assert "garbage.JPEG" in caplog.text and "torn.png" in caplog.text
+    image, label = pair.train[len(pair.train) - 1]
+    assert image.shape == (3, 8, 8) and label == 1
+
+
+def test_imagefolder_with_mismatched_classes_fails_clearly(tmp_path: Path) -> None:
+    _write_png(tmp_path / "train" / "cat" / "a.png", 1)
+    _write_png(tmp_path / "train" / "dog" / "a.png", 1)
+    _write_png(tmp_path / "val" / "cat" / "a.png", 1)
+    with pytest.raises(ValueError, match="same class folders"):
+        build_datasets(DataConfig(source="imagefolder", root=str(tmp_path)))
+
+
+def test_synthetic_is_deterministic() -> None:
+    cfg = DataConfig(source="synthetic", synthetic_samples=40, synthetic_classes=4, image_size=8)
+    first, second = build_datasets(cfg), build_datasets(cfg)
+    assert (len(first.train), first.num_classes, first.skipped_files) == (40, 4, 0)
+    image, label = first.train[7]
+    assert image.shape == (3, 8, 8) and 0 <= label < 4
+    assert torch.equal(image, second.train[7][0]) and label == second.train[7][1]
+    assert not torch.equal(image, first.train[8][0])
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _expected_steps(num_samples: int, start: int, batch: int, min_tail: int) -> list[tuple[int, int]]:
+    """Written independently of flashtrain.sharding: full steps, the tail folded in."""
+    steps, cursor = [], start
+    while cursor < num_samples:
+        size = batch if num_samples - cursor - batch >= max(min_tail, 1) else num_samples - cursor
+        steps.append((cursor, size))
+        cursor += size
+    return steps
+
+
+def _rank_slice(perm: np.ndarray, cursor: int, size: int, workers: int, rank: int) -> list[int]:
+    shares = [size // workers + (1 if r < size % workers else 0) for r in range(workers)]
+    start = cursor + sum(shares[:rank])
+    return perm[start : start + shares[rank]].tolist()
+
+
+def _samplers(workers: int, **kwargs: int) -> list[StepBatchSampler]:
+    return [StepBatchSampler(num_workers=workers, rank=rank, **kwargs) for rank in range(workers)]
+
+
+@pytest.mark.parametrize("num_samples,batch,min_tail", [(103, 16, 8), (100, 20, 2), (37, 5, 1)])
+def test_sampler_covers_epoch_once_across_resize(num_samples: int, batch: int, min_tail: int) -> None:
+    epoch, seed, steps_before = 3, 11, 2
+    common = dict(num_samples=num_samples, epoch=epoch, global_batch=batch, seed=seed,
+                  min_tail=min_tail)
+    perm = epoch_permutation(epoch, num_samples, seed)
+    expected = _expected_steps(num_samples, 0, batch, min_tail)
+
+    first = _samplers(4, start_cursor=0, max_steps=steps_before, **common)
+    assert first[0].steps() == expected[:steps_before]
+    cursor = first[0].end_cursor
+    assert cursor == expected[steps_before][0]
+    second = _samplers(3, start_cursor=cursor, **common)
+    assert second[0].steps() == expected[steps_before:]
+    assert second[0].end_cursor == num_samples
+
+    seen: list[int] = []
+    for samplers, workers in ((first, 4), (second, 3)):
+        per_rank = [[list(p.indices) for p in s.plans()] for s in samplers]
+        for step_number, (step_cursor, size) in enumerate(samplers[0].steps()):
+            for rank in range(workers):
+                got = per_rank[rank][step_number]
+                assert got == _rank_slice(perm, step_cursor, size, workers, rank)
+                seen.extend(got)
+    assert sorted(seen) == list(range(num_samples))
+    assert Counter(seen).most_common(1)[0][1] == 1
+
+
+def test_zero_share_rank_gets_none_not_an_empty_batch() -> None:
+    dataset = torch.utils.data.TensorDataset(torch.arange(10.0), torch.arange(10))
+    common = dict(num_samples=10, epoch=0, start_cursor=0, global_batch=2, num_workers=3,
+                  seed=0, min_tail=1)
+    idle = StepBatchSampler(rank=2, **common)
+    assert len(idle.steps()) == 5 and len(idle) == 0 and list(idle) == []
+    loader = make_step_loader(dataset, idle, loader_workers=0)
+    assert [batch for _, batch in iterate_steps(idle, loader)] == [None] * 5
+
+    busy = StepBatchSampler(rank=0, **common)
+    loader = make_step_loader(dataset, busy, loader_workers=0)
+    pairs = list(iterate_steps(busy, loader))
+    assert len(pairs) == 5
+    for plan, (values, _labels) in pairs:
+        assert plan.batch == 2 and values.tolist() == [float(i) for i in plan.indices]
+
+
+def test_step_loader_decodes_in_worker_processes() -> None:
+    cfg = DataConfig(source="synthetic", synthetic_samples=24, synthetic_classes=3, image_size=8)
+    pair = build_datasets(cfg)
+    sampler = StepBatchSampler(24, 0, 0, 8, 2, 1, seed=5, min_tail=2)
+    loader = make_step_loader(pair.train, sampler, loader_workers=1)
+    batches = list(loader)
+    assert len(batches) == 3
+    for plan, (images, labels) in zip(sampler.plans(), batches, strict=True):
+        assert images.shape == (4, 3, 8, 8)
+        assert labels.tolist() == [pair.train[i][1] for i in plan.indices]
+
+
+def test_val_slices_are_disjoint_and_cover() -> None:
+    dataset = torch.utils.data.TensorDataset(torch.arange(11), torch.zeros(11))
+    covered = []
+    for rank in range(4):
+        assert len(val_slice(11, rank, 4)) in (2, 3)
+        loader = make_val_loader(dataset, rank, num_workers=4, batch_size=2)
+        covered.extend(int(v) for values, _ in loader for v in values)
+    assert covered == list(range(11))
+    idle = make_val_loader(dataset, 11, num_workers=12, batch_size=4)  # 12 ranks, 11 samples
+    assert list(val_slice(11, 11, 12)) == [] and list(idle) == []
