@@ -67,6 +67,9 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast precision on GPU (fp16 uses loss scaling); CPU runs fp32.")
     channels_last: bool = Field(True, description="Use channels-last memory format on GPU.")
+    zero_init_residual: bool = Field(True, description="Start each residual branch's last "
+                                     "BatchNorm at zero (Goyal et al.), which keeps early "
+                                     "large-batch steps stable; ResNet-family models only.")
 
 
 class OptimizerConfig(_Section):
@@ -98,7 +101,7 @@ class ScheduleConfig(_Section):
         description="Batch-size phases, by start epoch.")
     base_lr: float = Field(0.1, gt=0, description="Learning rate at global batch base_batch.")
     base_batch: int = Field(256, ge=1, description="Batch size base_lr refers to (linear scaling).")
-    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up length in epochs.")
+    warmup_epochs: float = Field(2.0, ge=0, description="Linear warm-up length in epochs.")
     warmup_start_factor: float = Field(0.1, gt=0, le=1, description="LR factor at position 0.")
     batch_ramp_epochs: float = Field(0.5, ge=0, description="When a phase raises the batch, ramp "
                                      "the scaled LR over this many epochs (0 = jump).")
@@ -115,7 +118,7 @@ class ScheduleConfig(_Section):
         starts = [p.start_epoch for p in self.phases]
         if starts[0] != 0:
             raise ValueError("the first phase must start at epoch 0 (set phases[0].start_epoch=0)")
-        if any(b <= a for a, b in zip(starts, starts[1:])):
+        if any(b <= a for a, b in zip(starts, starts[1:])):  # noqa: B905
             raise ValueError(f"phase start epochs {starts} must be strictly increasing")
         if starts[-1] >= self.epochs:
             raise ValueError(f"a phase starts at epoch {starts[-1]} but the run has only "
@@ -187,6 +190,10 @@ class RuntimeConfig(_Section):
     log_every_steps: int = Field(1, ge=1, description="metrics.jsonl step records interval.")
     progress: bool = Field(True, description="Show a progress bar on the driver.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many global steps.")
+    local_nodes: int = Field(0, ge=0, description="Without ray_address: emulate a cluster of "
+                             "this many worker nodes on this machine (ray.cluster_utils.Cluster), "
+                             "so node faults can be injected; 0 = a plain local Ray.")
+    cpus_per_local_node: float = Field(1.0, gt=0, description="CPUs of each emulated node.")
 
 
 class FlashtrainConfig(_Section):
@@ -209,6 +216,10 @@ class FlashtrainConfig(_Section):
         widest = max((int(r) * int(c) for g in grids if g != "auto" for r, c in [g.split("x")]),
                      default=1)
         smallest = min(p.global_batch for p in self.schedule.phases)
+        node_faults = self.faults.remove_node_at_steps or self.faults.add_node_at_steps
+        if node_faults and not self.runtime.local_nodes:
+            raise ValueError("faults.remove_node_at_steps/add_node_at_steps act on an emulated "
+                             "cluster: set runtime.local_nodes (e.g. 2) as well")
         need = widest * self.data.min_samples_per_worker
         if smallest < need:
             raise ValueError(

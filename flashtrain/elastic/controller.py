@@ -1,10 +1,18 @@
-"""The elastic controller: forms the grid, and re-forms it when members are lost.
+"""The elastic controller: forms the grid and re-forms it when members come and go.
 
-The controller carries out decisions; it does not make them. :func:`flashtrain.policy.decide`
-picks the grid, and the controller: finds the dead, kills them, has the survivors leave
-their groups and roll back to the last in-memory commit, rolls the schedule clock back
-to the same commit, lays the new grid over the survivors and forms its groups under a
-new generation. Every re-form is recorded (metrics.jsonl and summary.json).
+The controller carries out decisions; :func:`flashtrain.policy.decide` makes them.
+
+* **Loss** (a step or commit fails): wait for the failed step's calls to settle (a
+  worker whose collective failed tears its groups down, so its peers fail fast too),
+  find the dead, roll the survivors and the schedule clock back to the last in-memory
+  commit, re-form over the survivors (and any ready spares) under a new generation and
+  continue at once. Replacements start in the background.
+* **Growth** (spares ready, a node joined): at a commit boundary, newcomers load the
+  committed state through the object store and the grid re-forms, bigger.
+* **Planned resize**: a schedule phase that names a grid moves the target; the grid
+  shrinks at the phase boundary, or grows as the requested workers become ready.
+
+Every re-form is recorded in metrics.jsonl and summary.json.
 """
 
 from __future__ import annotations
@@ -17,27 +25,29 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from flashtrain.config import FlashtrainConfig
+from flashtrain.elastic.faults import FaultInjector
+from flashtrain.elastic.membership import Member, SparePool, alive, start_worker
 from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
 from flashtrain.train.clock import StepPlan
 from flashtrain.train.metrics import MetricsWriter
-from flashtrain.train.placement import Reservation, in_bundle, reserve
-from flashtrain.train.worker import Worker
+from flashtrain.train.placement import Reservation, reserve
 
 log = logging.getLogger(__name__)
 
-WorkerActor = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
 _PING_TIMEOUT_S = 5.0
+_FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 
 
 class StepFailed(RuntimeError):
-    """A step did not complete on every member (a death, a timeout, a task error)."""
+    """A step or commit did not complete on every member."""
 
-    def __init__(self, plan: StepPlan, cause: BaseException, pending: list | None = None):
-        super().__init__(f"step {plan.global_step} failed: {type(cause).__name__}: {cause}")
+    def __init__(self, plan: StepPlan | None, cause: BaseException, pending: list | None = None):
+        where = f"step {plan.global_step}" if plan is not None else "commit"
+        super().__init__(f"{where} failed: {type(cause).__name__}: {cause}")
         self.plan = plan
         self.cause = cause
-        self.pending = pending or []  # the step's object refs, some may still be running
+        self.pending = pending or []  # the calls' object refs, some may still be running
 
 
 class ElasticAbort(RuntimeError):
@@ -46,18 +56,22 @@ class ElasticAbort(RuntimeError):
 
 @dataclass
 class GridState:
-    """The grid in force: its shape, generation and the actor of each rank."""
+    """The grid in force: its shape, generation and the member of each rank."""
 
     grid: Grid
     generation: int
-    members: list = field(default_factory=list)
-    member_nodes: list[str] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+
+    @property
+    def actors(self) -> list:
+        return [m.actor for m in self.members]
 
 
 class ElasticController:
     """Owns the worker actors and the grid they form."""
 
-    def __init__(self, config: FlashtrainConfig, data_cache, metrics: MetricsWriter, say=print):
+    def __init__(self, config: FlashtrainConfig, data_cache, metrics: MetricsWriter, say=print,
+                 cluster=None):
         self.config = config
         self.data_cache = str(data_cache)
         self.metrics = metrics
@@ -66,23 +80,29 @@ class ElasticController:
         self.reforms: list[dict] = []
         self.committed_step = 0
         self.num_classes = 0
-        self._reservations: list[Reservation] = []
+        self.spares = SparePool(config, self.data_cache)
+        self.faults = FaultInjector(config.faults, cluster, metrics, say,
+                                    stall_s=2 * config.collective.timeout_s)
+        self._reservation: Reservation | None = None
         self._pending_recovery: tuple[dict, float] | None = None
-        self._faults_fired: set[tuple[str, int]] = set()
 
     # -- forming -------------------------------------------------------------------------
 
     def start(self) -> GridState:
         """Reserve the workers of the configured grid, start them and form the groups."""
         grid = self._initial_grid()
-        reservation = reserve(self.config.grid, grid.num_workers, self.timeout, name="flashtrain")
-        self._reservations.append(reservation)
-        layout = layout_grid(reservation.bundle_nodes, grid)
-        actors = [self._new_actor(reservation, slot) for slot in layout.slot_of_rank]
-        nodes = [reservation.bundle_nodes[slot] for slot in layout.slot_of_rank]
-        self.num_classes = ray.get(actors[0].__ray_call__.remote(lambda w: w.num_classes),
+        self.target = grid
+        self._reservation = reserve(self.config.grid, grid.num_workers, self.timeout,
+                                    name="flashtrain")
+        nodes = self._reservation.bundle_nodes
+        layout = layout_grid(nodes, grid)
+        members = [start_worker(self.config.grid, self._reservation, slot, self.config,
+                                self.data_cache) for slot in layout.slot_of_rank]
+        for member in members:
+            member.node = nodes[member.bundle]
+        self.num_classes = ray.get(members[0].actor.__ray_call__.remote(lambda w: w.num_classes),
                                    timeout=self.timeout)
-        self.state = GridState(grid, 0, actors, nodes)
+        self.state = GridState(grid, 0, members)
         self._form(self.state)
         split = f", {layout.split_rows} row(s) span nodes" if layout.split_rows else ""
         self.say(f"grid {grid} formed on {len(set(nodes))} node(s){split}")
@@ -105,137 +125,188 @@ class ElasticController:
         return {node["NodeID"]: int(node["Resources"].get(resource, 0) // per_worker)
                 for node in ray.nodes() if node["Alive"]}
 
-    def _new_actor(self, reservation: Reservation, slot: int):
-        grid_cfg = self.config.grid
-        return WorkerActor.options(
-            num_cpus=grid_cfg.cpus_per_worker, num_gpus=1 if grid_cfg.use_gpu else 0,
-            scheduling_strategy=in_bundle(reservation.group, slot),
-        ).remote(self.config, self.data_cache)
-
     def _form(self, state: GridState) -> None:
         """Every member joins its row, column and world groups of this generation."""
-        refs = [member.join.remote(state.grid, rank, state.generation)
-                for rank, member in enumerate(state.members)]
+        refs = [m.actor.join.remote(state.grid, rank, state.generation)
+                for rank, m in enumerate(state.members)]
         ray.get(refs, timeout=self.timeout)
 
     # -- state ---------------------------------------------------------------------------
 
     def commit(self, clock) -> None:
-        """In-memory commit on every member and on the clock, at the same step."""
-        ray.get([m.commit.remote() for m in self.state.members], timeout=self.timeout)
+        """In-memory commit on every member, then on the clock (the clock's commit is
+        the one everybody returns to, so it moves only once all members hold it)."""
+        step = ray.get(clock.state.remote(), timeout=self.timeout)["global_step"]
+        refs = [a.commit.remote(step) for a in self.state.actors]
+        try:
+            ray.get(refs, timeout=self.timeout)
+        except _FAILURES as err:
+            raise StepFailed(None, err, refs) from err
         self.committed_step = ray.get(clock.commit.remote(), timeout=self.timeout)["global_step"]
+        self._grow_if_ready(clock)
 
     def load_state(self, payload: dict) -> None:
         state = {"model": payload["model"], "optimizer": payload["optimizer"],
                  "scaler": payload.get("scaler")}
         ref = ray.put(state)
-        ray.get([m.load_state.remote(ref) for m in self.state.members], timeout=self.timeout)
+        ray.get([a.load_state.remote(ref) for a in self.state.actors], timeout=self.timeout)
 
     # -- hooks around a step -------------------------------------------------------------
 
     def before_step(self, plan: StepPlan, clock) -> None:
-        """Inject configured faults at this step (each fires once)."""
-        faults = self.config.faults
-        step = plan.global_step
-        victim = self.state.members[-1]
-        if step in faults.kill_worker_at_steps and self._fire("kill", step):
-            self.say(f"fault injection: killing rank {len(self.state.members) - 1} at step {step}")
-            self.metrics.event("fault", fault="kill_worker", step=step)
-            ray.kill(victim, no_restart=True)
-        if step in faults.stall_worker_at_steps and self._fire("stall", step):
-            seconds = self.config.collective.timeout_s * 2
-            self.say(f"fault injection: stalling rank {len(self.state.members) - 1} for "
-                     f"{seconds:.0f}s at step {step}")
-            self.metrics.event("fault", fault="stall_worker", step=step, seconds=seconds)
-            victim.stall.remote(seconds)
-
-    def _fire(self, kind: str, step: int) -> bool:
-        if (kind, step) in self._faults_fired:
-            return False
-        self._faults_fired.add((kind, step))
-        return True
+        """Planned resizes at phase boundaries, then injected faults."""
+        if plan.phase_grid and Grid.parse(plan.phase_grid) != self.target:
+            self._retarget(Grid.parse(plan.phase_grid), clock)
+        self.faults.before_step(plan.global_step, self.state.members)
 
     def after_step(self, plan: StepPlan) -> None:
         """Close the recovery clock of the last re-form at the first completed step."""
-        if self._pending_recovery is not None:
-            record, began = self._pending_recovery
-            record["recovery_seconds"] = time.monotonic() - began
-            self.metrics.reform(**record)
-            self.say(f"re-formed {record['old_grid']} -> {record['new_grid']} in "
-                     f"{record['recovery_seconds']:.2f}s ({record['steps_rolled_back']} step(s) "
-                     "rolled back)")
-            self._pending_recovery = None
+        if self._pending_recovery is None:
+            return
+        record, began = self._pending_recovery
+        record["recovery_seconds"] = time.monotonic() - began
+        self.metrics.reform(**record)
+        self.say(f"re-formed {record['old_grid']} -> {record['new_grid']} in "
+                 f"{record['recovery_seconds']:.2f}s to the next step "
+                 f"({record['steps_rolled_back']} step(s) rolled back): {record['reason']}")
+        self._pending_recovery = None
 
-    # -- recovering ------------------------------------------------------------------------
+    # -- re-forming ----------------------------------------------------------------------
 
     def recover(self, failure: StepFailed, clock) -> None:
-        """Shrink to the survivors after a failed step, from the last commit."""
+        """Re-form over the survivors after a failed step or commit, from the last commit."""
         began = time.monotonic()
         if not self.config.elastic.enabled:
             raise ElasticAbort(f"{failure} and elastic.enabled is false") from failure.cause
         if len(self.reforms) >= self.config.elastic.max_reforms:
             raise ElasticAbort(f"{failure}: elastic.max_reforms={self.config.elastic.max_reforms} "
                                "re-forms already") from failure.cause
-        old = self.state
-        # Survivors blocked in a collective with a dead peer are released by the
-        # collective timeout; wait for that (bounded) before asking who is alive.
         ray.wait(failure.pending, num_returns=len(failure.pending),
                  timeout=self.config.collective.timeout_s + _PING_TIMEOUT_S)
-        alive = self._alive(old.members)
-        for member, ok in zip(old.members, alive):
+        old = self.state
+        answers = alive(old.members, _PING_TIMEOUT_S)
+        survivors = [m for m, ok in zip(old.members, answers, strict=True) if ok]
+        for member, ok in zip(old.members, answers, strict=True):
             if not ok:
-                ray.kill(member, no_restart=True)
-        survivors = [m for m, ok in zip(old.members, alive) if ok]
-        nodes = [n for n, ok in zip(old.member_nodes, alive) if ok]
-        self.say(f"step {failure.plan.global_step} failed ({type(failure.cause).__name__}); "
-                 f"{len(survivors)} of {len(old.members)} workers alive")
-        ray.get([m.leave.remote() for m in survivors], timeout=self.timeout)
-        decision = self._decide(old.grid, nodes)
-        if isinstance(decision, (Abort, Wait)):
-            raise ElasticAbort(decision.reason) from failure.cause
-        grid = decision.grid
-        layout = layout_grid(nodes, grid)
-        members = [survivors[slot] for slot in layout.slot_of_rank]
-        for spare in set(range(len(survivors))) - set(layout.slot_of_rank):
-            ray.kill(survivors[spare], no_restart=True)  # no spares kept yet in this version
-        ray.get([m.rollback.remote() for m in members], timeout=self.timeout)
-        clock_state = ray.get(clock.rollback.remote(), timeout=self.timeout)
-        self.state = GridState(grid, old.generation + 1, members,
-                               [nodes[slot] for slot in layout.slot_of_rank])
+                ray.kill(member.actor, no_restart=True)
+                self.spares.free_bundles.append((member.reservation, member.bundle))
+        where = f"step {failure.plan.global_step}" if failure.plan else "a commit"
+        self.say(f"{where} failed ({type(failure.cause).__name__}); "
+                 f"{len(survivors)} of {len(old.members)} workers answer")
+        if not survivors:
+            raise ElasticAbort("every worker was lost: nothing in memory to continue from "
+                               "(resume from the newest checkpoint with --resume)")
+        ray.get([m.actor.leave.remote() for m in survivors], timeout=self.timeout)
+        resume_step = ray.get(clock.rollback.remote(), timeout=self.timeout)["global_step"]
+        self.state = GridState(old.grid, old.generation, survivors)
+        self._request_replacements()
+        decision = self._decide_with_wait(lost=True)
+        grid, members, newcomers = self._choose(decision.grid, survivors)
+        ray.get([m.actor.rollback.remote(resume_step) for m in members if m not in newcomers],
+                timeout=self.timeout)
+        self._hand_over(newcomers, survivors[0], resume_step)
+        self._reform_to(grid, members, old.grid, decision.reason, began,
+                        failed_step=failure.plan.global_step if failure.plan else resume_step,
+                        resume_step=resume_step, cause=type(failure.cause).__name__)
+
+    def _grow_if_ready(self, clock) -> None:
+        """At a commit boundary: re-form bigger when spares are ready."""
+        ready = self.spares.poll()
+        if not ready or self.state.grid.num_workers >= self.target.num_workers:
+            return
+        decision = self._decide(self.state.members + ready, lost=False)
+        if not isinstance(decision, Reform) or \
+                decision.grid.num_workers <= self.state.grid.num_workers:
+            return
+        began = time.monotonic()
+        old = self.state
+        ray.get([m.actor.leave.remote() for m in old.members], timeout=self.timeout)
+        grid, members, newcomers = self._choose(decision.grid, old.members)
+        self._hand_over(newcomers, old.members[0], self.committed_step)
+        self._reform_to(grid, members, old.grid, decision.reason, began,
+                        failed_step=self.committed_step, resume_step=self.committed_step,
+                        cause="grow")
+
+    def _retarget(self, target: Grid, clock) -> None:
+        """A schedule phase names a new grid: shrink now, or start workers to grow."""
+        self.say(f"schedule phase asks for grid {target} (was {self.target})")
+        self.target = target
+        if target.num_workers < self.state.grid.num_workers:
+            self.commit(clock)
+            began = time.monotonic()
+            old = self.state
+            ray.get([m.actor.leave.remote() for m in old.members], timeout=self.timeout)
+            grid, members, _ = self._choose(target, old.members)
+            for member in old.members:
+                if member not in members:
+                    ray.kill(member.actor, no_restart=True)
+            self._reform_to(grid, members, old.grid, f"schedule phase: {old.grid} -> {grid}",
+                            began, failed_step=self.committed_step,
+                            resume_step=self.committed_step, cause="phase")
+        else:
+            self._request_replacements()
+
+    def _request_replacements(self) -> None:
+        missing = self.target.num_workers - len(self.state.members) - self.spares.count
+        if missing > 0:
+            self.spares.request(missing)
+
+    def _decide(self, candidates: list[Member], lost: bool, waited_s: float = 0.0):
+        per_node: dict[str, int] = {}
+        for member in candidates:
+            per_node[member.node] = per_node.get(member.node, 0) + 1
+        return decide(self.state.grid, per_node, preferred_cols=self.target.cols,
+                      min_workers=self.config.elastic.min_workers,
+                      max_workers=self.target.num_workers, lost_members=lost,
+                      waited_s=waited_s, wait_limit_s=self.config.elastic.wait_for_resources_s)
+
+    def _decide_with_wait(self, lost: bool) -> Reform | Keep:
+        """Decide over survivors and ready spares; below ``min_workers`` wait (bounded)
+        for spares, then abort."""
+        started = time.monotonic()
+        while True:
+            waited = time.monotonic() - started
+            decision = self._decide(self.state.members + self.spares.poll(), lost, waited)
+            if isinstance(decision, Abort):
+                raise ElasticAbort(decision.reason)
+            if not isinstance(decision, Wait):
+                return decision
+            time.sleep(0.2)  # polling the spares' start-up, bounded by the Abort above
+
+    def _choose(self, grid: Grid, current: list[Member]) -> tuple[Grid, list[Member], list[Member]]:
+        """Lay ``grid`` over the current members first, then ready spares."""
+        candidates = current + [m for m in self.spares.ready if m not in current]
+        layout = layout_grid([m.node for m in candidates], grid)
+        members = [candidates[slot] for slot in layout.slot_of_rank]
+        newcomers = [m for m in members if m not in current]
+        self.spares.take(newcomers)
+        for member in current:
+            if member not in members:
+                self.spares.ready.append(member)  # kept warm for the next growth
+        return grid, members, newcomers
+
+    def _hand_over(self, newcomers: list[Member], source: Member, step: int) -> None:
+        """Newcomers load the committed state of ``step`` through the object store."""
+        if not newcomers:
+            return
+        state_ref = source.actor.committed_state.remote(step)
+        ray.get([m.actor.load_state.remote(state_ref) for m in newcomers], timeout=self.timeout)
+        ray.get([m.actor.commit.remote(step) for m in newcomers], timeout=self.timeout)
+
+    def _reform_to(self, grid: Grid, members: list[Member], old_grid: Grid, reason: str,
+                   began: float, *, failed_step: int, resume_step: int, cause: str) -> None:
+        self.state = GridState(grid, self.state.generation + 1, members)
         self._form(self.state)
-        record = {"time": self.metrics.elapsed(), "reason": decision.reason,
-                  "cause": f"{type(failure.cause).__name__}", "old_grid": str(old.grid),
-                  "new_grid": str(grid), "failed_step": failure.plan.global_step,
-                  "resume_step": clock_state["global_step"],
-                  "steps_rolled_back": failure.plan.global_step - clock_state["global_step"],
-                  "recovery_seconds": None}
+        record = {"time": self.metrics.elapsed(), "reason": reason, "cause": cause,
+                  "old_grid": str(old_grid), "new_grid": str(grid), "failed_step": failed_step,
+                  "resume_step": resume_step, "steps_rolled_back": failed_step - resume_step,
+                  "generation": self.state.generation, "recovery_seconds": None}
         self.reforms.append(record)
         self._pending_recovery = (record, began)
 
-    def _decide(self, current: Grid, nodes: list[str]) -> Reform | Keep | Wait | Abort:
-        per_node: dict[str, int] = {}
-        for node in nodes:
-            per_node[node] = per_node.get(node, 0) + 1
-        return decide(current, per_node, preferred_cols=current.cols,
-                      min_workers=self.config.elastic.min_workers,
-                      max_workers=self.config.grid.max_workers, lost_members=True)
-
-    def _alive(self, members: list) -> list[bool]:
-        refs = [m.ping.remote() for m in members]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_PING_TIMEOUT_S)
-        alive = []
-        for ref in refs:
-            if ref not in ready:
-                alive.append(False)  # busy past the deadline (stalled) counts as lost
-                continue
-            try:
-                alive.append(bool(ray.get(ref, timeout=0)))
-            except (RayActorError, RayTaskError, GetTimeoutError):
-                alive.append(False)
-        return alive
-
     def shutdown(self) -> None:
         for member in getattr(self, "state", GridState(Grid(1, 1), 0)).members:
-            ray.kill(member, no_restart=True)
-        for reservation in self._reservations:
-            reservation.release()
+            ray.kill(member.actor, no_restart=True)
+        self.spares.shutdown()
+        if self._reservation is not None:
+            self._reservation.release()

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from flashtrain.config import ConfigError, FlashtrainConfig, dump_config, load_config
@@ -56,15 +57,26 @@ def prepare_run_dir(config: FlashtrainConfig, run_dir: str | None, resume: bool)
     return path
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(config: FlashtrainConfig):
+    """Join the cluster of `ray start` / `ray job submit` (RAY_ADDRESS) when there is one,
+    otherwise start a local Ray for this job; with ``runtime.local_nodes`` an emulated
+    multi-node cluster (returned, so node faults can act on it)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    # Joins the cluster of `ray start` / `ray job submit` (RAY_ADDRESS) when there is
-    # one, otherwise starts a local Ray for this job.
-    ray.init(address=address, include_dashboard=False, log_to_driver=True,
+    runtime = config.runtime
+    if runtime.local_nodes and runtime.ray_address is None:
+        from ray.cluster_utils import Cluster
+
+        # The head runs the driver and the schedule actor only; workers go to the nodes.
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        cluster.flashtrain_node_args = {"num_cpus": runtime.cpus_per_local_node}
+        for _ in range(runtime.local_nodes):
+            cluster.add_node(**cluster.flashtrain_node_args)
+        ray.init(address=cluster.address, log_to_driver=True, logging_level=logging.WARNING)
+        return cluster
+    ray.init(address=runtime.ray_address, include_dashboard=False, log_to_driver=True,
              logging_level=logging.WARNING)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data_cache = Path(args.data_cache or os.path.expanduser("~/.cache/flashtrain/digits"))
     print(f"flashtrain: run directory {run_dir}", flush=True)
-    connect_ray(config.runtime.ray_address)
-    trainer = Trainer(config, run_dir, data_cache, resume=args.resume,
+    cluster = connect_ray(config)
+    trainer = Trainer(config, run_dir, data_cache, resume=args.resume, cluster=cluster,
                       say=lambda message: print(f"flashtrain: {message}", flush=True))
     try:
         summary = trainer.train()
@@ -93,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print("flashtrain: interrupted; resume with --resume --run-dir", run_dir, file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the one place that turns failures into a message
-        logging.getLogger(__name__).debug("run failed", exc_info=True)
+        (run_dir / "error.log").write_text(traceback.format_exc())
         print(f"flashtrain: run failed: {type(err).__name__}: {err}\n"
+              f"  details in {run_dir / 'error.log'}\n"
               f"  the newest checkpoint is in {run_dir / 'checkpoints'}; "
               f"continue with --resume --run-dir {run_dir}", file=sys.stderr)
         return EXIT_FAILED
@@ -103,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     print(f"flashtrain: done: top-1 {summary['final_top1']:.4f}, top-5 {summary['final_top5']:.4f}, "
           f"{summary['global_steps']} steps, {summary['images_per_sec']:.1f} images/s, "
           f"{summary['wall_seconds']:.0f}s; results in {run_dir}", flush=True)

@@ -23,17 +23,22 @@ class TinyCNN(nn.Sequential):
         )
 
 
-def build_model(name: str, num_classes: int, seed: int) -> nn.Module:
+def build_model(name: str, num_classes: int, seed: int, zero_init_residual: bool = False) -> nn.Module:
     """The model ``name`` with ``num_classes`` outputs, initialised from ``seed`` so
     every worker starts from the same weights."""
     torch.manual_seed(seed)
     if name == "tiny_cnn":
         return TinyCNN(num_classes)
+    extra = {"zero_init_residual": True} if zero_init_residual and _is_resnet(name) else {}
     try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     except ValueError as err:
         raise ValueError(f"model.name={name!r} is not a torchvision classification model "
                          "(see torchvision.models.list_models()) nor 'tiny_cnn'") from err
+
+
+def _is_resnet(name: str) -> bool:
+    return name.startswith(("resnet", "resnext", "wide_resnet"))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) -> list[dict]:

@@ -56,6 +56,13 @@ def reserve(grid_cfg: GridConfig, num_workers: int, timeout_s: float,
     return Reservation(group, bundle_node_ids(group, num_workers))
 
 
+def reserve_async(grid_cfg: GridConfig, num_workers: int, name: str | None = None) -> Reservation:
+    """Ask for ``num_workers`` bundles without waiting: actors scheduled into them start
+    once Ray places the group (for example when a node joins)."""
+    bundles = [bundle_resources(grid_cfg) for _ in range(num_workers)]
+    return Reservation(placement_group(bundles, strategy="PACK", name=name or ""), [])
+
+
 def bundle_node_ids(group: PlacementGroup, num_bundles: int, timeout_s: float = 30.0) -> list[str]:
     """Node id of each bundle of a ready placement group."""
     deadline = time.monotonic() + timeout_s

@@ -17,10 +17,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from flashtrain.config import FlashtrainConfig
-from flashtrain.elastic.controller import ElasticController, GridState, StepFailed
+from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridState, StepFailed
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
-from flashtrain.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from flashtrain.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock
 from flashtrain.train.data import build_datasets
 from flashtrain.train.metrics import MetricsWriter, write_summary
@@ -54,7 +59,7 @@ class Trainer:
     """Owns one run: the clock actor, the grid (through the controller), the run dir."""
 
     def __init__(self, config: FlashtrainConfig, run_dir: Path, data_cache: Path,
-                 resume: bool = False, say=print):
+                 resume: bool = False, say=print, cluster=None):
         self.config = config
         self.run_dir = run_dir
         self.data_cache = data_cache
@@ -64,6 +69,7 @@ class Trainer:
         self.checkpoint_dir = run_dir / "checkpoints"
         self.totals = RunTotals()
         self.timeout = config.runtime.remote_timeout_s
+        self.cluster = cluster  # an emulated multi-node cluster, for node faults
 
     # -- the run -------------------------------------------------------------------------
 
@@ -71,7 +77,8 @@ class Trainer:
         started = time.perf_counter()
         datasets = build_datasets(self.config.data, self.data_cache)
         num_samples = len(datasets.train)
-        self.controller = ElasticController(self.config, self.data_cache, self.metrics, self.say)
+        self.controller = ElasticController(self.config, self.data_cache, self.metrics, self.say,
+                                            cluster=self.cluster)
         state = self.controller.start()
         min_tail = self.config.data.min_samples_per_worker * max_grid_workers(
             self.config, state.grid.num_workers)
@@ -87,6 +94,9 @@ class Trainer:
                             enabled=self.config.runtime.progress)
         try:
             self._loop(progress)
+        except ElasticAbort:
+            self._checkpoint_last_commit()
+            raise
         finally:
             progress.close()
         final = self._validate(final=True)
@@ -108,18 +118,18 @@ class Trainer:
             plan: StepPlan = ray.get(self.clock.next_plan.remote(), timeout=self.timeout)
             if cfg.runtime.max_steps is not None and plan.global_step >= cfg.runtime.max_steps:
                 break
-            self.controller.before_step(plan, self.clock)
             try:
+                self.controller.before_step(plan, self.clock)
                 results, seconds = self._step(plan)
+                ray.get(self.clock.advance.remote(plan), timeout=self.timeout)
+                self.controller.after_step(plan)
+                self._record_step(plan, results, seconds, progress)
+                step_done = plan.global_step + 1
+                if step_done % cfg.elastic.commit_every_steps == 0 or plan.end_of_epoch:
+                    self.controller.commit(self.clock)
             except StepFailed as failure:
                 self.controller.recover(failure, self.clock)
                 continue
-            ray.get(self.clock.advance.remote(plan), timeout=self.timeout)
-            self.controller.after_step(plan)
-            self._record_step(plan, results, seconds, progress)
-            step_done = plan.global_step + 1
-            if step_done % cfg.elastic.commit_every_steps == 0:
-                self.controller.commit(self.clock)
             if plan.end_of_epoch:
                 self._validate(epoch=plan.epoch)
             if step_done % cfg.checkpoint.every_steps == 0:
@@ -128,7 +138,7 @@ class Trainer:
     def _step(self, plan: StepPlan) -> tuple[list, float]:
         state: GridState = self.controller.state
         begun = time.perf_counter()
-        refs = [member.train_step.remote(plan) for member in state.members]
+        refs = [actor.train_step.remote(plan) for actor in state.actors]
         try:
             results = ray.get(refs, timeout=self.timeout)
         except (RayActorError, RayTaskError, GetTimeoutError) as err:
@@ -155,7 +165,7 @@ class Trainer:
                         batch=plan.global_batch, lr=plan.lr, grid=grid)
 
     def _validate(self, epoch: int | None = None, final: bool = False) -> dict:
-        refs = [member.validate.remote() for member in self.controller.state.members]
+        refs = [actor.validate.remote() for actor in self.controller.state.actors]
         counts = ray.get(refs, timeout=self.timeout)
         total = sum(c["count"] for c in counts) or 1
         result = {"top1": sum(c["top1"] for c in counts) / total,
@@ -171,9 +181,9 @@ class Trainer:
 
     def _checkpoint(self) -> Path:
         clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
-        members = self.controller.state.members
-        ray.get([m.average_buffers.remote() for m in members], timeout=self.timeout)
-        state = ray.get(members[0].state.remote(), timeout=self.timeout)
+        actors = self.controller.state.actors
+        ray.get([a.average_buffers.remote() for a in actors], timeout=self.timeout)
+        state = ray.get(actors[0].state.remote(), timeout=self.timeout)
         payload = {"format": 1, "model": state["model"], "optimizer": state["optimizer"],
                    "scaler": state["scaler"], "clock": clock,
                    "config": self.config.model_dump(mode="json"),
@@ -183,6 +193,25 @@ class Trainer:
         prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep)
         self.metrics.event("checkpoint", path=str(path), global_step=clock["global_step"])
         return path
+
+    def _checkpoint_last_commit(self) -> None:
+        """Before giving up: write the last in-memory commit durably, from any member
+        that still holds it, so ``--resume`` loses nothing that was committed."""
+        clock = ray.get(self.clock.rollback.remote(), timeout=self.timeout)
+        for actor in self.controller.state.actors:
+            try:
+                state = ray.get(actor.committed_state.remote(clock["global_step"]),
+                                timeout=self.timeout)
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                continue
+            payload = {"format": 1, **state, "clock": clock,
+                       "config": self.config.model_dump(mode="json"),
+                       "model_name": self.config.model.name,
+                       "num_classes": self.controller.num_classes}
+            path = save_checkpoint(self.checkpoint_dir, clock["global_step"], payload)
+            self.say(f"wrote the last commit (step {clock['global_step']}) to {path}")
+            return
+        self.say("no worker holds the last commit any more; the newest checkpoint on disk stands")
 
     def _initial_state(self, num_samples: int, min_tail: int) -> tuple[dict, dict | None]:
         fresh = TrainingClock(num_samples=num_samples, seed=self.config.data.seed,

@@ -59,7 +59,8 @@ class Worker:
         datasets = build_datasets(config.data, Path(data_cache))
         self.train_set, self.val_set = datasets.train, datasets.val
         self.num_classes = datasets.num_classes
-        self.model = build_model(config.model.name, self.num_classes, config.runtime.seed).to(self.device)
+        self.model = build_model(config.model.name, self.num_classes, config.runtime.seed,
+                                 config.model.zero_init_residual).to(self.device)
         if config.grid.use_gpu and config.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         opt = config.optimizer
@@ -72,7 +73,7 @@ class Worker:
         self.rank = -1
         self._sync: collective.GradientSynchronizer | None = None
         self._batches = None  # (key, iterator, expected step starts)
-        self._committed: bytes | None = None
+        self._commits: dict[int, bytes] = {}
 
     # -- grid membership -------------------------------------------------------------
 
@@ -124,7 +125,14 @@ class Worker:
             if param.requires_grad and param.grad is None:  # an empty share still syncs zeros
                 param.grad = torch.zeros_like(param)
         computed = time.perf_counter()
-        self._sync.sync(op="sum")
+        try:
+            self._sync.sync(op="sum")
+        except Exception:
+            # Tear this worker's groups down at once: closing its connections fails the
+            # peers still waiting on it, so a death ripples through the grid in
+            # milliseconds instead of every worker sitting out the collective timeout.
+            self.leave()
+            raise
         synced = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = plan.lr
@@ -208,21 +216,26 @@ class Worker:
             self.scaler.load_state_dict(state["scaler"])
         self._batches = None
 
-    def commit(self) -> int:
-        """Keep an in-memory copy of the state; returns its size in bytes."""
+    def commit(self, step: int) -> int:
+        """Keep an in-memory copy of the state as of global step ``step``; returns its
+        size in bytes. The previous commit is kept too: if a worker dies during a commit,
+        the clock still points at the previous one and every survivor can return to it."""
         buffer = io.BytesIO()
         torch.save(self.state(), buffer)
-        self._committed = buffer.getvalue()
-        return len(self._committed)
+        self._commits[step] = buffer.getvalue()
+        for old in sorted(self._commits)[:-2]:
+            del self._commits[old]
+        return len(self._commits[step])
 
-    def committed_state(self) -> dict:
-        if self._committed is None:
-            raise RuntimeError(f"rank {self.rank} has no commit yet")
-        return torch.load(io.BytesIO(self._committed), weights_only=False)
+    def committed_state(self, step: int) -> dict:
+        if step not in self._commits:
+            raise RuntimeError(f"rank {self.rank} holds commits {sorted(self._commits)}, "
+                               f"not step {step}")
+        return torch.load(io.BytesIO(self._commits[step]), weights_only=False)
 
-    def rollback(self) -> None:
-        """Return to the last commit."""
-        self.load_state(self.committed_state())
+    def rollback(self, step: int) -> None:
+        """Return to the commit of global step ``step``."""
+        self.load_state(self.committed_state(step))
 
     def stall(self, seconds: float) -> None:
         """Fault injection: block this worker (its peers then hit the collective timeout)."""

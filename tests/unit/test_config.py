@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pydantic
 import pytest
 
 from flashtrain.config import ConfigError, FlashtrainConfig, dump_config, load_config
@@ -24,7 +25,7 @@ def test_file_then_overrides(tmp_path):
 
 def test_config_is_frozen():
     config = FlashtrainConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         config.grid.shape = "4x4"  # type: ignore[misc]
 
 

@@ -91,7 +91,7 @@ def test_weighted_local_means_equal_the_global_mean():
         chunk = losses[start:start + share]
         local_means.append(sum(chunk) / len(chunk))
         start += share
-    weighted = sum(w * m for w, m in zip(loss_weights(10, 3), local_means))
+    weighted = sum(w * m for w, m in zip(loss_weights(10, 3), local_means, strict=True))
     assert weighted == pytest.approx(sum(losses) / 10)
     # The naive average of local means differs when shares are uneven.
     assert sum(local_means) / 3 != pytest.approx(sum(losses) / 10)

@@ -1,7 +1,6 @@
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import pytest
 
 from flashtrain.topology import Grid, col_group_name, layout_grid, row_group_name
 
