@@ -174,6 +174,10 @@ class FaultsConfig(_Section):
     """Injected failures, for demos and tests (global step numbers)."""
 
     kill_worker_at_steps: tuple[int, ...] = Field((), description="Kill a worker at these steps.")
+    kill_during: Literal["allreduce", "commit"] = Field(
+        "allreduce", description="Where the killed worker dies: as its gradient all-reduce "
+        "begins (its peers are then blocked inside the collective) or inside the commit "
+        "that follows the step.")
     stall_worker_at_steps: tuple[int, ...] = Field((), description="Stall a worker past the collective timeout.")
     remove_node_at_steps: tuple[int, ...] = Field((), description="Remove a node at these steps.")
     add_node_at_steps: tuple[int, ...] = Field((), description="Add a node at these steps.")
@@ -193,7 +197,8 @@ class RuntimeConfig(_Section):
     local_nodes: int = Field(0, ge=0, description="Without ray_address: emulate a cluster of "
                              "this many worker nodes on this machine (ray.cluster_utils.Cluster), "
                              "so node faults can be injected; 0 = a plain local Ray.")
-    cpus_per_local_node: float = Field(1.0, gt=0, description="CPUs of each emulated node.")
+    cpus_per_local_node: int = Field(2, ge=1, description="Logical CPUs of each emulated node "
+                                     "(Ray wants whole numbers per node).")
 
 
 class FlashtrainConfig(_Section):

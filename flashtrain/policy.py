@@ -17,8 +17,8 @@ on NVLink):
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Hashable, Mapping
 
 from flashtrain.topology import Grid
 

@@ -1,0 +1,27 @@
+"""Collectives for the worker grid: an independent-group gloo backend for
+``ray.util.collective``, the flat / 2D-torus / hierarchical all-reduce, and gradient
+bucketing. See :mod:`flashtrain.collective.allreduce` for the algorithms."""
+
+from flashtrain.collective.allreduce import (
+    ALGORITHMS,
+    GridComm,
+    allreduce_,
+    join_grid,
+    leave_grid,
+)
+from flashtrain.collective.errors import CollectiveError, CollectiveTimeoutError
+from flashtrain.collective.fusion import GradientSynchronizer
+from flashtrain.collective.gloo_backend import BACKEND_NAME, register
+
+__all__ = [
+    "ALGORITHMS",
+    "BACKEND_NAME",
+    "CollectiveError",
+    "CollectiveTimeoutError",
+    "GradientSynchronizer",
+    "GridComm",
+    "allreduce_",
+    "join_grid",
+    "leave_grid",
+    "register",
+]

@@ -127,6 +127,9 @@ class ElasticController:
 
     def _form(self, state: GridState) -> None:
         """Every member joins its row, column and world groups of this generation."""
+        # All constructors first (model built, data indexed), so the rendezvous below
+        # waits only for the group formation itself.
+        ray.get([m.actor.ping.remote() for m in state.members], timeout=self.timeout)
         refs = [m.actor.join.remote(state.grid, rank, state.generation)
                 for rank, m in enumerate(state.members)]
         ray.get(refs, timeout=self.timeout)

@@ -34,8 +34,10 @@ class FaultInjector:
     def before_step(self, step: int, members: list) -> None:
         victim = members[-1]
         if self._due("kill", self._faults.kill_worker_at_steps, step):
-            self._note("kill_worker", step, f"killing rank {len(members) - 1}")
-            ray.kill(victim.actor, no_restart=True)
+            where = self._faults.kill_during
+            self._note("kill_worker", step, f"rank {len(members) - 1} will die in its {where}")
+            # The commit after step s is tagged s + 1 (the clock position it saves).
+            victim.actor.arm_exit.remote(where, step if where == "allreduce" else step + 1)
         if self._due("stall", self._faults.stall_worker_at_steps, step):
             seconds = self._stall_s
             self._note("stall_worker", step, f"stalling rank {len(members) - 1} for {seconds:.0f}s")

@@ -80,7 +80,10 @@ class Worker:
     def join(self, grid: Grid, rank: int, generation: int) -> int:
         """Join the row, column and world groups of ``grid`` as ``rank``."""
         c = self._config.collective
+        # Forming waits for the slowest member, which may be a loaded machine's; give it
+        # more room than a single collective call gets.
         self.comm = collective.join_grid(grid, rank, generation, timeout_s=c.timeout_s,
+                                         rendezvous_timeout_s=max(4 * c.timeout_s, 30.0),
                                          backend="nccl" if self._config.grid.use_gpu else "gloo")
         self.grid, self.rank = grid, rank
         self._sync = collective.GradientSynchronizer(
@@ -125,6 +128,7 @@ class Worker:
             if param.requires_grad and param.grad is None:  # an empty share still syncs zeros
                 param.grad = torch.zeros_like(param)
         computed = time.perf_counter()
+        self._maybe_die("allreduce", plan.global_step)
         try:
             self._sync.sync(op="sum")
         except Exception:
@@ -222,6 +226,7 @@ class Worker:
         the clock still points at the previous one and every survivor can return to it."""
         buffer = io.BytesIO()
         torch.save(self.state(), buffer)
+        self._maybe_die("commit", step)
         self._commits[step] = buffer.getvalue()
         for old in sorted(self._commits)[:-2]:
             del self._commits[old]
@@ -236,6 +241,17 @@ class Worker:
     def rollback(self, step: int) -> None:
         """Return to the commit of global step ``step``."""
         self.load_state(self.committed_state(step))
+
+    def arm_exit(self, where: str, step: int) -> None:
+        """Fault injection: end this process at ``where`` ("allreduce": as the step's
+        gradient all-reduce begins, so the peers are blocked inside the collective;
+        "commit": in the middle of the commit of ``step``)."""
+        self._armed_exit = (where, step)
+
+    def _maybe_die(self, where: str, step: int) -> None:
+        armed = getattr(self, "_armed_exit", None)
+        if armed is not None and armed[0] == where and step >= armed[1]:
+            os._exit(1)
 
     def stall(self, seconds: float) -> None:
         """Fault injection: block this worker (its peers then hit the collective timeout)."""

@@ -1,0 +1,38 @@
+"""Typed errors of the collective layer.
+
+A collective that cannot finish (a peer died, hung, or never joined) must never hang
+the caller: it becomes a :class:`CollectiveTimeoutError` that names the group, this
+worker's rank in it and the operation, so the elastic controller can decide what to do.
+"""
+
+from __future__ import annotations
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation failed (bad input, unknown group, broken transport)."""
+
+
+class CollectiveTimeoutError(CollectiveError):
+    """A collective did not complete in time: a peer is dead, hung or absent.
+
+    A peer that died shows up as a broken connection rather than an expired clock; both
+    mean "this group cannot finish", so both are reported as this error (the underlying
+    transport error is chained as ``__cause__``).
+    """
+
+    def __init__(self, group: str, rank: int, op: str, timeout_s: float, detail: str = ""):
+        self.group = group
+        self.rank = rank
+        self.op = op
+        self.timeout_s = timeout_s
+        message = (
+            f"collective {op!r} in group {group!r} (rank {rank}) did not complete "
+            f"within {timeout_s:g} s"
+        )
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        # Ray pickles exceptions across processes; keep the structured fields.
+        return (type(self), (self.group, self.rank, self.op, self.timeout_s))
