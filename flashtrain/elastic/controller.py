@@ -42,8 +42,10 @@ _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 class StepFailed(RuntimeError):
     """A step or commit did not complete on every member."""
 
-    def __init__(self, plan: StepPlan | None, cause: BaseException, pending: list | None = None):
-        where = f"step {plan.global_step}" if plan is not None else "commit"
+    def __init__(self, plan: StepPlan | None, cause: BaseException, pending: list | None = None,
+                 step: int | None = None):
+        self.step = plan.global_step if plan is not None else step  # the clock position lost
+        where = f"step {self.step}" if plan is not None else f"the commit at step {self.step}"
         super().__init__(f"{where} failed: {type(cause).__name__}: {cause}")
         self.plan = plan
         self.cause = cause
@@ -144,7 +146,7 @@ class ElasticController:
         try:
             ray.get(refs, timeout=self.timeout)
         except _FAILURES as err:
-            raise StepFailed(None, err, refs) from err
+            raise StepFailed(None, err, refs, step=step) from err
         self.committed_step = ray.get(clock.commit.remote(), timeout=self.timeout)["global_step"]
         self._grow_if_ready(clock)
 
@@ -193,7 +195,7 @@ class ElasticController:
             if not ok:
                 ray.kill(member.actor, no_restart=True)
                 self.spares.free_bundles.append((member.reservation, member.bundle))
-        where = f"step {failure.plan.global_step}" if failure.plan else "a commit"
+        where = f"step {failure.step}" if failure.plan else f"the commit at step {failure.step}"
         self.say(f"{where} failed ({type(failure.cause).__name__}); "
                  f"{len(survivors)} of {len(old.members)} workers answer")
         if not survivors:
@@ -209,7 +211,7 @@ class ElasticController:
                 timeout=self.timeout)
         self._hand_over(newcomers, survivors[0], resume_step)
         self._reform_to(grid, members, old.grid, decision.reason, began,
-                        failed_step=failure.plan.global_step if failure.plan else resume_step,
+                        failed_step=failure.step,
                         resume_step=resume_step, cause=type(failure.cause).__name__)
 
     def _grow_if_ready(self, clock) -> None:

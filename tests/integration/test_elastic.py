@@ -103,20 +103,23 @@ def test_worker_killed_during_a_commit(cluster, tmp_path):
                                                  "faults.kill_during=commit"])
     assert_exactly_once_and_learning(summary, records)
     first = summary["reforms"][0]
-    # Died inside the commit of step 9: everyone returns to the commit of step 6.
-    assert first["resume_step"] == 6 and first["new_grid"] in ("1x2", "2x1", "3x1", "1x3")
+    # Died inside the commit at step 9: everyone returns to the commit at step 6.
+    assert (first["failed_step"], first["resume_step"], first["steps_rolled_back"]) == (9, 6, 3)
+    assert first["new_grid"] == "3x1"
 
 
 def test_stalled_worker_hits_the_collective_timeout(cluster, tmp_path):
     summary, records = train(cluster, tmp_path, ["faults.stall_worker_at_steps=[5]"])
     assert_exactly_once_and_learning(summary, records)
     first = summary["reforms"][0]
-    assert first["cause"] in ("RayTaskError", "CollectiveTimeoutError")
+    assert "CollectiveTimeoutError" in first["cause"]
     assert first["failed_step"] in (5, 6)
 
 
 def test_repeated_churn(cluster, tmp_path):
-    summary, records = train(cluster, tmp_path, ["faults.kill_worker_at_steps=[4, 11, 19, 30]"])
+    kills = [5, 60, 130, 200]
+    summary, records = train(cluster, tmp_path, [f"faults.kill_worker_at_steps={kills}"] + LONG)
     assert_exactly_once_and_learning(summary, records)
     losses = [r for r in summary["reforms"] if r["cause"] != "grow"]
-    assert len(losses) == 4
+    assert [r["failed_step"] for r in losses] == kills
+    assert all(r["steps_rolled_back"] <= 3 for r in losses)
