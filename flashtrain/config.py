@@ -95,7 +95,7 @@ class ScheduleConfig(_Section):
     """Batch-size control, learning rate and label smoothing (pure functions in
     :mod:`flashtrain.schedule`)."""
 
-    epochs: int = Field(12, ge=1, description="Epochs to train.")
+    epochs: int = Field(10, ge=1, description="Epochs to train.")
     phases: tuple[PhaseConfig, ...] = Field(
         (PhaseConfig(start_epoch=0, global_batch=64), PhaseConfig(start_epoch=4, global_batch=128)),
         description="Batch-size phases, by start epoch.")

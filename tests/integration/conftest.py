@@ -1,4 +1,5 @@
-"""Shared fixtures for the integration tier: one local Ray instance per test session."""
+"""Shared fixtures for the integration tier: one local Ray instance per test module
+(modules that build their own clusters, like test_elastic, start from a clean slate)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 _TEST_DIR = str(Path(__file__).resolve().parent)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
     """A local Ray instance with a few logical CPUs; shut down (all workers gone) at the end."""
     import ray

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 
@@ -30,10 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(ray_session):
+    return ray_session
 
 
 def run_trainer(config, run_dir: Path, data_cache: Path, resume=False) -> dict:
