@@ -8,8 +8,8 @@ synthetic data through flashtrain's own building blocks, timing each phase:
 1. **form** the ``NODES x WORKERS`` grid (one row per node): placement (one placement
    group, :func:`flashtrain.train.placement.reserve`), actor start (constructors done),
    group formation (row, column and world groups joined), the first step, a commit.
-2. **remove** the node of the last rank: detect (ping the members), leave the old
-   groups, state (survivors return to the last commit), group formation of the smaller
+2. **remove** the node of the last rank, between steps (so detection is a ping, not a
+   collective timeout as when a node dies mid-step): detect, leave the old groups, state (survivors return to the last commit), group formation of the smaller
    grid (:func:`flashtrain.policy.propose_grid`), first step.
 3. **add** a node back: node start, placement (Ray re-places the lost bundles of the
    placement group on the new node), actor start, state hand-off (the committed state
@@ -39,9 +39,9 @@ from flashtrain.topology import Grid
 PHASES = ("node", "placement", "actor_start", "detect", "leave", "state", "group_formation",
           "first_step", "commit")
 CRITICAL_PATH = ("placement", "actor_start", "detect", "leave", "state", "group_formation")
-# Resident memory of one idle tiny_cnn worker process (torch + torchvision imported),
-# measured on this machine: about 0.45 GB; the guard keeps a margin above it.
-WORKER_RSS_GB = 0.6
+# Memory of one tiny_cnn worker process (torch + torchvision imported; PSS, so torch's
+# shared libraries count once over all workers), measured on this machine: 0.45 GB.
+WORKER_MEMORY_GB = 0.5
 OBJECT_STORE_BYTES = 100 * 2**20
 
 
@@ -151,7 +151,7 @@ class Rehearsal:
 
         began = time.perf_counter()
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES})
+            "num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES, "include_dashboard": False})
         for _ in range(self.size.rows):
             self.cluster.add_node(**self.node_args)
         ray.init(address=self.cluster.address, log_to_driver=False)
@@ -330,7 +330,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     largest = max(size.num_workers for size in args.sizes)
     free = available_memory_gb()
-    need = largest * WORKER_RSS_GB + 2.0
+    need = largest * WORKER_MEMORY_GB + 2.0  # + Ray's own processes
     if not args.force and free is not None and free < need:
         print(f"rehearsal: {largest} workers need about {need:.0f} GB free, {free:.1f} GB is "
               "available: use smaller --sizes, or --force", flush=True)

@@ -111,6 +111,9 @@ class ElasticController:
         return self.state
 
     def _initial_grid(self) -> Grid:
+        first_phase = self.config.schedule.phases[0].grid
+        if first_phase:
+            return Grid.parse(first_phase)
         if self.config.grid.shape != "auto":
             return Grid.parse(self.config.grid.shape)
         per_node = self._cluster_slots()
@@ -161,7 +164,7 @@ class ElasticController:
     def before_step(self, plan: StepPlan, clock) -> None:
         """Planned resizes at phase boundaries, then injected faults."""
         if plan.phase_grid and Grid.parse(plan.phase_grid) != self.target:
-            self._retarget(Grid.parse(plan.phase_grid), clock)
+            self._retarget(Grid.parse(plan.phase_grid), plan.epoch, clock)
         self.faults.before_step(plan.global_step, self.state.members)
 
     def after_step(self, plan: StepPlan) -> None:
@@ -232,7 +235,7 @@ class ElasticController:
                         failed_step=self.committed_step, resume_step=self.committed_step,
                         cause="grow")
 
-    def _retarget(self, target: Grid, clock) -> None:
+    def _retarget(self, target: Grid, epoch: int, clock) -> None:
         """A schedule phase names a new grid: shrink now, or start workers to grow."""
         self.say(f"schedule phase asks for grid {target} (was {self.target})")
         self.target = target
@@ -242,14 +245,23 @@ class ElasticController:
             old = self.state
             ray.get([m.actor.leave.remote() for m in old.members], timeout=self.timeout)
             grid, members, _ = self._choose(target, old.members)
-            for member in old.members:
-                if member not in members:
-                    ray.kill(member.actor, no_restart=True)
+            self._release_unneeded_spares(epoch)
             self._reform_to(grid, members, old.grid, f"schedule phase: {old.grid} -> {grid}",
                             began, failed_step=self.committed_step,
                             resume_step=self.committed_step, cause="phase")
         else:
             self._request_replacements()
+
+    def _release_unneeded_spares(self, epoch: int) -> None:
+        """Workers left out by a planned shrink stay warm only if a later phase will want
+        them back; otherwise they are stopped and their resources given back."""
+        later = [Grid.parse(p.grid).num_workers for p in self.config.schedule.phases
+                 if p.grid and p.start_epoch > epoch]
+        keep = max(later, default=0) - self.target.num_workers
+        surplus = self.spares.ready[max(keep, 0):]
+        for member in surplus:
+            ray.kill(member.actor, no_restart=True)
+        self.spares.take(surplus)
 
     def _request_replacements(self) -> None:
         missing = self.target.num_workers - len(self.state.members) - self.spares.count

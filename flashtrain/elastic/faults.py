@@ -9,8 +9,6 @@ fresh one.
 
 from __future__ import annotations
 
-import ray
-
 from flashtrain.config import FaultsConfig
 
 

@@ -128,12 +128,24 @@ class Trainer:
                 if step_done % cfg.elastic.commit_every_steps == 0 or plan.end_of_epoch:
                     self.controller.commit(self.clock)
             except StepFailed as failure:
-                self.controller.recover(failure, self.clock)
+                self._recover(failure)
                 continue
             if plan.end_of_epoch:
                 self._validate(epoch=plan.epoch)
             if step_done % cfg.checkpoint.every_steps == 0:
                 self._checkpoint()
+
+    def _recover(self, failure: StepFailed, attempts: int = 3) -> None:
+        """Re-form after ``failure``; a member lost while re-forming starts another round."""
+        for attempt in range(attempts):
+            try:
+                self.controller.recover(failure, self.clock)
+                return
+            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+                self.say(f"re-forming failed ({type(err).__name__}), attempt {attempt + 1} "
+                         f"of {attempts}")
+                failure = StepFailed(None, err, step=failure.step)
+        raise ElasticAbort(f"could not re-form the grid in {attempts} attempts") from failure.cause
 
     def _step(self, plan: StepPlan) -> tuple[list, float]:
         state: GridState = self.controller.state

@@ -14,6 +14,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from flashtrain.config import load_config
+from flashtrain.elastic.controller import ElasticAbort
+from flashtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from flashtrain.train.trainer import Trainer
 
 # Two worker nodes of two workers each: a 2x2 grid whose rows sit one per node.
@@ -123,3 +125,36 @@ def test_repeated_churn(cluster, tmp_path):
     losses = [r for r in summary["reforms"] if r["cause"] != "grow"]
     assert [r["failed_step"] for r in losses] == kills
     assert all(r["steps_rolled_back"] <= 3 for r in losses)
+
+
+def test_planned_resizes_follow_the_schedule_phases(cluster, tmp_path):
+    phases = ("schedule.phases=[{start_epoch: 0, global_batch: 32, grid: 2x2}, "
+              "{start_epoch: 1, global_batch: 32, grid: 1x2}, "
+              "{start_epoch: 2, global_batch: 64, grid: 2x2}]")
+    summary, records = train(cluster, tmp_path, ["schedule.epochs=5", phases])
+    assert_exactly_once_and_learning(summary, records)
+    grids = {}
+    for record in records:
+        if record["kind"] == "step":
+            grids.setdefault(record["epoch"], set()).add(record["grid"])
+    assert grids[0] == {"2x2"} and grids[1] == {"1x2"}
+    assert "2x2" in grids[4]  # grown back once the requested workers were ready
+    causes = [r["cause"] for r in summary["reforms"]]
+    assert causes[0] == "phase" and "grow" in causes
+    assert all(r["steps_rolled_back"] == 0 for r in summary["reforms"])
+
+
+def test_below_min_workers_fails_with_a_checkpoint_of_the_last_commit(cluster, tmp_path):
+    config = load_config(None, BASE + ["faults.kill_worker_at_steps=[8]",
+                                       "elastic.min_workers=4",
+                                       "elastic.wait_for_resources_s=0"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer = Trainer(config, run_dir, tmp_path / "cache", say=print, cluster=cluster)
+    try:
+        with pytest.raises(ElasticAbort, match="min_workers=4"):
+            trainer.train()
+    finally:
+        trainer.close()
+    clock = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["clock"]
+    assert clock["global_step"] == 6  # the last commit before the failed step 8
