@@ -139,6 +139,10 @@ class DataConfig(_Section):
                              "(imagefolder), or the cache folder for digits.")
     image_size: int = Field(32, ge=8, description="Training crop size in pixels.")
     loader_workers: int = Field(0, ge=0, description="DataLoader decode processes per worker.")
+    verify_images: bool = Field(True, description="Open every image once at start (headers "
+                                "only) and skip unreadable ones, counted in skipped_files. "
+                                "Every worker scans its dataset: turn off for trees of millions "
+                                "of files, where a broken file then fails its step instead.")
     seed: int = Field(0, description="Seed of the per-epoch permutations.")
     min_samples_per_worker: int = Field(2, ge=1, description="Smallest local batch; the epoch's "
                                         "tail is folded into the previous step below this.")

@@ -201,12 +201,15 @@ class _ReadableImageFilter:
     """``is_valid_file`` for ImageFolder: image extensions only, and only files PIL can
     open and verify (cheap: headers and structure, no full decode). Records the rest."""
 
-    def __init__(self) -> None:
+    def __init__(self, verify: bool = True) -> None:
+        self.verify = verify
         self.unreadable: list[str] = []
 
     def __call__(self, path: str) -> bool:
         if not has_file_allowed_extension(path, IMG_EXTENSIONS):
             return False
+        if not self.verify:
+            return True
         try:
             with Image.open(path) as image:
                 image.verify()
@@ -228,8 +231,8 @@ def _image_folder(folder: Path, transform: transforms.Compose,
                                 "readable image)") from err
 
 
-def _imagefolder_pair(root: Path, source: str, image_size: int) -> DatasetPair:
-    check = _ReadableImageFilter()
+def _imagefolder_pair(root: Path, source: str, image_size: int, verify: bool = True) -> DatasetPair:
+    check = _ReadableImageFilter(verify)
     train = _image_folder(root / "train", train_transform(source, image_size), check)
     val = _image_folder(root / "val", val_transform(source, image_size), check)
     if train.class_to_idx != val.class_to_idx:
@@ -286,7 +289,7 @@ def build_datasets(data_cfg: DataConfig, cache_dir: Path | str | None = None) ->
         root = ensure_digits_imagefolder(data_cfg.root or cache_dir)
     else:
         root = Path(data_cfg.root).expanduser()  # config guarantees root for imagefolder
-    return _imagefolder_pair(root, data_cfg.source, data_cfg.image_size)
+    return _imagefolder_pair(root, data_cfg.source, data_cfg.image_size, data_cfg.verify_images)
 
 
 # --------------------------------------------------------------------------- sampling
