@@ -172,6 +172,9 @@ class ElasticConfig(_Section):
     wait_for_resources_s: float = Field(60.0, ge=0, description="How long to wait below "
                                         "min_workers before failing with a checkpoint.")
     max_reforms: int = Field(50, ge=0, description="Give up after this many re-forms.")
+    warm_spares: int = Field(0, ge=0, description="Extra workers kept started and idle, so a "
+                             "lost worker is replaced in the very re-form that drops it "
+                             "(costs their resources; 0 = replacements start after a loss).")
 
 
 class FaultsConfig(_Section):

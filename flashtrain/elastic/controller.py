@@ -106,6 +106,11 @@ class ElasticController:
                                    timeout=self.timeout)
         self.state = GridState(grid, 0, members)
         self._form(self.state)
+        if self.config.elastic.warm_spares:
+            # Start the warm spares with the grid, so they are ready from the first step.
+            self._request_replacements()
+            ready = self.spares.wait_ready(self.timeout)
+            self.say(f"{len(ready)} warm spare(s) ready")
         split = f", {layout.split_rows} row(s) span nodes" if layout.split_rows else ""
         self.say(f"grid {grid} formed on {len(set(nodes))} node(s){split}")
         return self.state
@@ -264,7 +269,8 @@ class ElasticController:
         self.spares.take(surplus)
 
     def _request_replacements(self) -> None:
-        missing = self.target.num_workers - len(self.state.members) - self.spares.count
+        wanted = self.target.num_workers + self.config.elastic.warm_spares
+        missing = wanted - len(self.state.members) - self.spares.count
         if missing > 0:
             self.spares.request(missing)
 

@@ -109,6 +109,12 @@ class SparePool:
             self._starting = still
         return self.ready
 
+    def wait_ready(self, timeout_s: float) -> list[Member]:
+        """Block until every starting spare is ready (or ``timeout_s`` passes)."""
+        ray.wait([ref for _, ref in self._starting], num_returns=len(self._starting),
+                 timeout=timeout_s)
+        return self.poll()
+
     def take(self, members: list[Member]) -> None:
         """Remove ``members`` from the ready list (they joined the grid)."""
         taken = {id(m) for m in members}

@@ -100,6 +100,17 @@ def test_worker_killed_inside_the_allreduce(cluster, tmp_path):
     assert summary["final_grid"] == "2x2"
 
 
+def test_a_warm_spare_replaces_the_lost_worker_in_the_same_reform(cluster, tmp_path):
+    cluster.add_node(num_cpus=2)  # room for the spare on a third node
+    summary, records = train(cluster, tmp_path, ["faults.kill_worker_at_steps=[12]",
+                                                 "elastic.warm_spares=1"])
+    assert_exactly_once_and_learning(summary, records)
+    first = summary["reforms"][0]
+    # No worker short: 2 + 1 + 1 on three nodes, rows may not straddle nodes, so 4x1.
+    assert (first["old_grid"], first["new_grid"]) == ("2x2", "4x1")
+    assert first["steps_rolled_back"] == 0  # 12 is a commit step: it died right after
+
+
 def test_worker_killed_during_a_commit(cluster, tmp_path):
     summary, records = train(cluster, tmp_path, ["faults.kill_worker_at_steps=[7]",
                                                  "faults.kill_during=commit"])
