@@ -76,8 +76,10 @@ def node_slots(num_nodes: int | None, gpus_per_node: int, num_workers: int | Non
     of ``gpus_per_node`` with the remainder on a last, partial node."""
     if gpus_per_node < 1:
         raise PlanError(f"--gpus-per-node {gpus_per_node}: must be >= 1")
-    if (num_nodes is None) == (num_workers is None):
+    if num_nodes is not None and num_workers is not None:
         raise PlanError("give either --nodes N (with --gpus-per-node) or --workers W, not both")
+    if num_nodes is None and num_workers is None:
+        raise PlanError("give the cluster: --nodes N (with --gpus-per-node) or --workers W")
     if num_nodes is not None:
         if num_nodes < 1:
             raise PlanError(f"--nodes {num_nodes}: must be >= 1")
@@ -134,9 +136,10 @@ def evaluate(slots: Mapping[int, int], size_bytes: float, batches: Sequence[int]
     """Every candidate grid with its predicted all-reduce and step times."""
     if not batches or min(batches) < 1:
         raise PlanError("the global batch must be >= 1")
-    single_node = len(slots) == 1
     candidates = []
     for grid, idle in candidate_grids(slots):
+        # Every node with room for a row holds rows of this grid.
+        single_node = sum(1 for n in slots.values() if n >= grid.cols) == 1
         times = allreduce_times(grid, size_bytes, cluster, single_node)
         best = min(ALGORITHMS, key=lambda name: (times[name], ALGORITHMS.index(name)))
         shares, even, step_s = {}, {}, {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("allreduce", "costmodel", "throughput", "elastic", "chaos")
+BENCHMARKS = ("allreduce", "costmodel", "throughput", "elastic", "chaos", "rehearsal")
 USAGE = f"usage: python -m flashtrain.bench <{'|'.join(BENCHMARKS)}> [options]  (--help per benchmark)"
 
 

@@ -3,7 +3,8 @@
 For each algorithm, one short synthetic-data run of :class:`flashtrain.train.trainer.Trainer`
 on a fresh set of worker actors (local Ray, gloo, CPU workers). The step records of
 ``metrics.jsonl`` give the step time (driver wall clock), the sync time (the slowest
-worker's gradient all-reduce) and images/s; the first ``--warmup`` steps are dropped and
+worker's gradient all-reduce; compute is the rest: data, forward, backward, optimizer
+and Ray's dispatch) and images/s; the first ``--warmup`` steps are dropped and
 the medians reported, with the speed against ``flat``.
 
 The peer row is a plain single-process PyTorch loop (same model, optimizer and loss,

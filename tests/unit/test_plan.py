@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashtrain.bench.costmodel import ABCI, RESNET50_PARAMS, torus_cost
+from flashtrain.bench.costmodel import ABCI, RESNET50_PARAMS, ring_cost, torus_cost
 from flashtrain.plan import (
     DEFAULT_WORKER_IMAGES_PER_SEC,
     PlanError,
@@ -57,6 +58,15 @@ def test_a_prime_count_on_one_node_has_single_row_or_single_column_grids():
     candidates, choice = plan_for(node_slots(None, 13, 13), [26])
     assert {c.grid for c in candidates if c.num_idle == 0} == {"1x13", "13x1"}
     assert choice.candidate.num_workers == 13
+
+
+def test_a_grid_that_fits_on_one_node_uses_intra_node_links_only():
+    candidates, _ = plan_for(node_slots(None, 4, 7), [64])
+    one_row = next(c for c in candidates if c.grid == "1x4")  # only the full node has a row
+    intra_only = replace(ABCI, inter=ABCI.intra)
+    assert one_row.allreduce_s["ring"] == pytest.approx(ring_cost(RESNET50_FP16, 4).time(intra_only))
+    spanning = next(c for c in candidates if c.grid == "7x1")
+    assert spanning.allreduce_s["ring"] == pytest.approx(ring_cost(RESNET50_FP16, 7).time(ABCI))
 
 
 def test_uneven_split_is_reported():
