@@ -34,7 +34,6 @@ test-gpu: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flashtrain tests
-	$(VENV)/bin/ruff format --check flashtrain tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -118,3 +118,16 @@ def test_save_rejects_payload_without_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model"):
         save_checkpoint(tmp_path, 1, {"clock": {}})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resnet50_weights_load_into_a_plain_torchvision_model(tmp_path):
+    """What the trainer saves (the worker's model state, no wrapper prefixes) loads into
+    ``torchvision.models.resnet50()`` as it is."""
+    from flashtrain.train.models import build_model
+
+    model = build_model("resnet50", 10, seed=3, zero_init_residual=True)
+    path = save_checkpoint(tmp_path, 7, {"format": 1, "model": model.state_dict(), "clock": {}})
+    plain = torchvision.models.resnet50(num_classes=10)
+    plain.load_state_dict(load_checkpoint(path)["model"])  # strict: every key matches
+    for name, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], value), name
