@@ -12,6 +12,9 @@ import pytest
 import ray
 import torch
 
+from flashtrain.config import load_config
+from flashtrain.train.trainer import Trainer
+
 # Collected and reported as skipped (not skipped at import): a machine without a GPU
 # still runs this tier and sees what it left out, and pytest does not exit with 5.
 pytestmark = [
@@ -19,9 +22,6 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("cupy") is None,
                        reason="Ray's NCCL collective backend needs cupy (pip install '.[gpu]')"),
 ]
-
-from flashtrain.config import load_config  # noqa: E402
-from flashtrain.train.trainer import Trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
