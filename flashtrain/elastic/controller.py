@@ -194,8 +194,9 @@ class ElasticController:
         if len(self.reforms) >= self.config.elastic.max_reforms:
             raise ElasticAbort(f"{failure}: elastic.max_reforms={self.config.elastic.max_reforms} "
                                "re-forms already") from failure.cause
-        ray.wait(failure.pending, num_returns=len(failure.pending),
-                 timeout=self.config.collective.timeout_s + _PING_TIMEOUT_S)
+        if failure.pending:
+            ray.wait(failure.pending, num_returns=len(failure.pending),
+                     timeout=self.config.collective.timeout_s + _PING_TIMEOUT_S)
         old = self.state
         answers = alive(old.members, _PING_TIMEOUT_S)
         survivors = [m for m, ok in zip(old.members, answers, strict=True) if ok]

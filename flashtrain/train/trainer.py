@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridState, StepFailed
@@ -83,7 +84,11 @@ class Trainer:
         min_tail = self.config.data.min_samples_per_worker * max_grid_workers(
             self.config, state.grid.num_workers)
         clock_state, payload = self._initial_state(num_samples, min_tail)
-        self.clock = ScheduleActor.remote(self.config.schedule, clock_state)
+        # The clock lives on the driver's node: it must outlive any worker node (a
+        # zero-CPU actor could otherwise land on a node that later leaves).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.clock = ScheduleActor.options(scheduling_strategy=here).remote(
+            self.config.schedule, clock_state)
         if payload is not None:
             self.controller.load_state(payload)
         self.controller.commit(self.clock)
@@ -111,6 +116,9 @@ class Trainer:
         controller = getattr(self, "controller", None)
         if controller is not None:
             controller.shutdown()
+        clock = getattr(self, "clock", None)
+        if clock is not None:
+            ray.kill(clock, no_restart=True)
 
     def _loop(self, progress: Progress) -> None:
         cfg = self.config
@@ -130,10 +138,15 @@ class Trainer:
             except StepFailed as failure:
                 self._recover(failure)
                 continue
-            if plan.end_of_epoch:
-                self._validate(epoch=plan.epoch)
-            if step_done % cfg.checkpoint.every_steps == 0:
-                self._checkpoint()
+            try:
+                if plan.end_of_epoch:
+                    self._validate(epoch=plan.epoch)
+                if step_done % cfg.checkpoint.every_steps == 0:
+                    self._checkpoint()
+            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+                # A member lost while validating or checkpointing: re-form like after a
+                # failed step (training state is committed at every epoch end).
+                self._recover(StepFailed(None, err, step=step_done))
 
     def _recover(self, failure: StepFailed, attempts: int = 3) -> None:
         """Re-form after ``failure``; a member lost while re-forming starts another round."""
