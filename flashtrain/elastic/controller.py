@@ -201,9 +201,10 @@ class ElasticController:
         answers = alive(old.members, _PING_TIMEOUT_S)
         survivors = [m for m, ok in zip(old.members, answers, strict=True) if ok]
         for member, ok in zip(old.members, answers, strict=True):
-            if not ok:
+            slot = (member.reservation, member.bundle)
+            if not ok and slot not in self.spares.free_bundles:  # once, even on a retry
                 ray.kill(member.actor, no_restart=True)
-                self.spares.free_bundles.append((member.reservation, member.bundle))
+                self.spares.free_bundles.append(slot)
         where = f"step {failure.step}" if failure.plan else f"the commit at step {failure.step}"
         self.say(f"{where} failed ({type(failure.cause).__name__}); "
                  f"{len(survivors)} of {len(old.members)} workers answer")
