@@ -4,7 +4,6 @@ collective backend needs)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -14,14 +13,6 @@ import torch
 
 from flashtrain.config import load_config
 from flashtrain.train.trainer import Trainer
-
-# Collected and reported as skipped (not skipped at import): a machine without a GPU
-# still runs this tier and sees what it left out, and pytest does not exit with 5.
-pytestmark = [
-    pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(importlib.util.find_spec("cupy") is None,
-                       reason="Ray's NCCL collective backend needs cupy (pip install '.[gpu]')"),
-]
 
 
 @pytest.fixture(scope="module")
