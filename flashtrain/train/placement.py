@@ -43,14 +43,13 @@ def reserve(grid_cfg: GridConfig, num_workers: int, timeout_s: float,
             name: str | None = None) -> Reservation:
     """Reserve ``num_workers`` bundles (PACK: rows want to share a node) and wait until
     they are placed, at most ``timeout_s``."""
-    bundles = [bundle_resources(grid_cfg) for _ in range(num_workers)]
-    group = placement_group(bundles, strategy="PACK", name=name or "")
+    group = reserve_async(grid_cfg, num_workers, name).group
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
         available = ray.available_resources()
         raise PlacementTimeoutError(
-            f"could not place {num_workers} workers of {bundles[0]} within {timeout_s:.0f}s "
+            f"could not place {num_workers} workers of {bundle_resources(grid_cfg)} within {timeout_s:.0f}s "
             f"(cluster has {available.get('CPU', 0):.1f} CPU, {available.get('GPU', 0):.0f} GPU "
             "free): lower grid.shape or grid.cpus_per_worker, or add nodes")
     return Reservation(group, bundle_node_ids(group, num_workers))

@@ -209,15 +209,19 @@ class Trainer:
         actors = self.controller.state.actors
         ray.get([a.average_buffers.remote() for a in actors], timeout=self.timeout)
         state = ray.get(actors[0].state.remote(), timeout=self.timeout)
-        payload = {"format": 1, "model": state["model"], "optimizer": state["optimizer"],
-                   "scaler": state["scaler"], "clock": clock,
-                   "config": self.config.model_dump(mode="json"),
-                   "model_name": self.config.model.name,
-                   "num_classes": self.controller.num_classes}
-        path = save_checkpoint(self.checkpoint_dir, clock["global_step"], payload)
+        path = save_checkpoint(self.checkpoint_dir, clock["global_step"],
+                               self._payload(state, clock))
         prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep)
         self.metrics.event("checkpoint", path=str(path), global_step=clock["global_step"])
         return path
+
+    def _payload(self, state: dict, clock: dict) -> dict:
+        """A checkpoint: a worker's model/optimizer/scaler state, the clock, the config."""
+        return {"format": 1, "model": state["model"], "optimizer": state["optimizer"],
+                "scaler": state.get("scaler"), "clock": clock,
+                "config": self.config.model_dump(mode="json"),
+                "model_name": self.config.model.name,
+                "num_classes": self.controller.num_classes}
 
     def _checkpoint_last_commit(self) -> None:
         """Before giving up: write the last in-memory commit durably, from any member
@@ -229,11 +233,8 @@ class Trainer:
                                 timeout=self.timeout)
             except (RayActorError, RayTaskError, GetTimeoutError):
                 continue
-            payload = {"format": 1, **state, "clock": clock,
-                       "config": self.config.model_dump(mode="json"),
-                       "model_name": self.config.model.name,
-                       "num_classes": self.controller.num_classes}
-            path = save_checkpoint(self.checkpoint_dir, clock["global_step"], payload)
+            path = save_checkpoint(self.checkpoint_dir, clock["global_step"],
+                                   self._payload(state, clock))
             self.say(f"wrote the last commit (step {clock['global_step']}) to {path}")
             return
         self.say("no worker holds the last commit any more; the newest checkpoint on disk stands")
