@@ -11,6 +11,8 @@ Three sources (``DataConfig.source``):
 
 Which samples a worker trains on is decided only by :mod:`flashtrain.sharding`;
 :class:`StepBatchSampler` turns that into per-step index lists for a ``DataLoader``.
+Images that cannot be decoded at training time are skipped and named, never raised
+(:mod:`flashtrain.train.decode`): the loaders yield :class:`LoadedBatch`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from flashtrain.config import DataConfig
 from flashtrain.schedule import split_batch
 from flashtrain.sharding import epoch_permutation, shard_indices, step_batch
+from flashtrain.train.decode import LoadedBatch, RGBLoader, SkipUndecodable, collate_skipping
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +202,20 @@ def val_transform(source: str, image_size: int) -> transforms.Compose:
 
 class _ReadableImageFilter:
     """``is_valid_file`` for ImageFolder: image extensions only, and only files PIL can
-    open and verify (cheap: headers and structure, no full decode). Records the rest."""
+    open and verify (cheap: headers and structure, no full decode). Records the rest.
+
+    Hidden files (``.DS_Store``, macOS's ``._name.JPEG`` resource forks) are ignored like
+    any other non-image file: they are copying debris, not broken samples. ``verify()``
+    reads no JPEG pixel data, so a truncated JPEG passes here and is skipped when it
+    fails to decode at training time (:mod:`flashtrain.train.decode`)."""
 
     def __init__(self, verify: bool = True) -> None:
         self.verify = verify
         self.unreadable: list[str] = []
 
     def __call__(self, path: str) -> bool:
-        if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+        if os.path.basename(path).startswith(".") or not has_file_allowed_extension(
+                path, IMG_EXTENSIONS):
             return False
         if not self.verify:
             return True
@@ -225,7 +234,8 @@ def _image_folder(folder: Path, transform: transforms.Compose,
         raise FileNotFoundError(f"{folder} does not exist: an image folder needs train/<class>/* "
                                 "and val/<class>/* (set data.root)")
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, is_valid_file=check)
+        return datasets.ImageFolder(str(folder), transform=transform, is_valid_file=check,
+                                    loader=RGBLoader(folder.parent))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{folder}: {err} (every class folder needs at least one "
                                 "readable image)") from err
@@ -378,13 +388,17 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 def make_step_loader(dataset: Dataset, sampler: StepBatchSampler, loader_workers: int) -> DataLoader:
-    """A loader yielding this rank's ``(images, labels)`` for each non-empty step of
-    ``sampler``; with ``loader_workers > 0`` the decoding runs in that many processes."""
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=loader_workers,
+    """A loader yielding this rank's :class:`LoadedBatch` (``images, labels, skipped``)
+    for each non-empty step of ``sampler``; with ``loader_workers > 0`` the decoding runs
+    in that many processes. Samples whose image cannot be decoded are left out of
+    ``images``/``labels`` and named in ``skipped``."""
+    return DataLoader(SkipUndecodable(dataset), batch_sampler=sampler,
+                      num_workers=loader_workers, collate_fn=collate_skipping,
                       persistent_workers=False, pin_memory=False)
 
 
-def iterate_steps(sampler: StepBatchSampler, loader: DataLoader) -> Iterator[tuple[RankStep, Any]]:
+def iterate_steps(sampler: StepBatchSampler,
+                  loader: DataLoader) -> Iterator[tuple[RankStep, LoadedBatch | None]]:
     """Every step of ``sampler`` with the loader's batch for it, or ``None`` where this
     rank's share is 0 (it still takes part in the step's all-reduce, with zero grads)."""
     batches = iter(loader)
@@ -404,9 +418,11 @@ def val_slice(num_samples: int, rank: int, num_workers: int) -> range:
 
 def make_val_loader(dataset: Dataset, rank: int, num_workers: int, batch_size: int,
                     loader_workers: int = 0) -> DataLoader:
-    """Loader over this rank's :func:`val_slice` of ``dataset``, in order. Callers should
+    """Loader of :class:`LoadedBatch` over this rank's :func:`val_slice` of ``dataset``,
+    in order; undecodable images are skipped and named, as in training. Callers should
     count (correct, total) over it and sum the counts across ranks, not average means:
     slices differ in size by one."""
     indices = list(val_slice(len(dataset), rank, num_workers))
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                      num_workers=loader_workers, persistent_workers=False)
+    return DataLoader(SkipUndecodable(Subset(dataset, indices)), batch_size=batch_size,
+                      shuffle=False, num_workers=loader_workers, collate_fn=collate_skipping,
+                      persistent_workers=False)

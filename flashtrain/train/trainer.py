@@ -29,21 +29,59 @@ from flashtrain.train.checkpoint import (
 )
 from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock
 from flashtrain.train.data import build_datasets
-from flashtrain.train.metrics import MetricsWriter, write_summary
+from flashtrain.train.metrics import MetricsWriter, read_metrics, write_summary
 from flashtrain.train.plots import write_plots
 from flashtrain.train.progress import Progress
 
 log = logging.getLogger(__name__)
+
+SKIPPED_FILES_LISTED = 100  # summary.json names at most this many skipped files (counts stay exact)
 
 
 @dataclass
 class RunTotals:
     """Running totals for the summary."""
 
-    samples: int = 0
+    samples: int = 0  # samples trained on (skipped ones excluded)
     train_seconds: float = 0.0
     last_eval: dict = field(default_factory=dict)
     epochs_done: int = 0
+    # Per epoch, the samples skipped because their image would not decode, by name. Sets:
+    # a step redone after a rollback skips the same files again and must count them once.
+    skipped: dict[int, set[str]] = field(default_factory=dict)
+
+    def add_skipped(self, epoch: int, name: str) -> bool:
+        """Record ``name`` as skipped in ``epoch``; True the first time for that epoch."""
+        names = self.skipped.setdefault(epoch, set())
+        if name in names:
+            return False
+        names.add(name)
+        return True
+
+    def skipped_names(self) -> set[str]:
+        """Every file skipped in any epoch."""
+        return set().union(*self.skipped.values())
+
+    def skipped_per_epoch(self, num_epochs: int) -> list[int]:
+        return [len(self.skipped.get(epoch, ())) for epoch in range(num_epochs)]
+
+    def restore_skipped(self, records: list[dict]) -> None:
+        """Rebuild ``skipped`` from a run's metrics records, for a run continued with
+        ``--resume`` (the steps before its checkpoint were trained by an earlier process).
+        Each ``start`` event at global step S forgets the skips logged at steps >= S:
+        the resumed process redoes those steps and logs their skips again."""
+        first_step: dict[tuple[int, str], int] = {}
+        for record in records:
+            if record.get("kind") != "event":
+                continue
+            if record.get("name") == "start":
+                resumed_at = record.get("global_step", 0)
+                first_step = {key: step for key, step in first_step.items() if step < resumed_at}
+            elif record.get("name") == "skipped_sample":
+                first_step.setdefault((record["epoch"], record["file"]), record["step"])
+        self.skipped = {}
+        for epoch, name in first_step:
+            self.add_skipped(epoch, name)
 
 
 def max_grid_workers(config: FlashtrainConfig, initial_workers: int) -> int:
@@ -173,6 +211,17 @@ class Trainer:
     # -- records -------------------------------------------------------------------------
 
     def _record_step(self, plan: StepPlan, results: list, seconds: float, progress: Progress) -> None:
+        for result in results:
+            for sample in result.skipped:
+                known = sample.name in self.totals.skipped_names()
+                if not self.totals.add_skipped(plan.epoch, sample.name):
+                    continue  # a step redone after a rollback
+                self.metrics.event("skipped_sample", file=sample.name, reason=sample.reason,
+                                   epoch=plan.epoch, step=plan.global_step, rank=result.rank)
+                if not known:
+                    self.say(f"skipping {sample.name} (step {plan.global_step}, rank "
+                             f"{result.rank}): it cannot be decoded ({sample.reason}); it "
+                             f"will be skipped in every epoch")
         samples = sum(r.samples for r in results)
         loss = sum(r.loss_sum for r in results) / max(samples, 1)
         self.totals.samples += samples
@@ -195,7 +244,8 @@ class Trainer:
         total = sum(c["count"] for c in counts) or 1
         result = {"top1": sum(c["top1"] for c in counts) / total,
                   "top5": sum(c["top5"] for c in counts) / total,
-                  "val_loss": sum(c["loss_sum"] for c in counts) / total}
+                  "val_loss": sum(c["loss_sum"] for c in counts) / total,
+                  "val_skipped": sum(c.get("skipped", 0) for c in counts)}
         clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
         if not final:
             self.metrics.epoch(epoch=epoch, samples=clock["samples_per_epoch"][epoch], **result)
@@ -266,6 +316,13 @@ class Trainer:
     def _summary(self, datasets, num_samples: int, wall: float, final: dict) -> dict:
         clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
         ips = self.totals.samples / self.totals.train_seconds if self.totals.train_seconds else 0.0
+        if self.resume:
+            self.totals.restore_skipped(read_metrics(self.metrics.path))
+        # samples_per_epoch counts the samples each step covered (the clock's view);
+        # the skipped ones were covered but not trained on.
+        covered = clock["samples_per_epoch"]
+        skipped = self.totals.skipped_per_epoch(len(covered))
+        skipped_names = sorted(self.totals.skipped_names())
         return {
             "final_top1": final["top1"],
             "final_top5": final["top5"],
@@ -278,6 +335,12 @@ class Trainer:
             "dataset_val_size": len(datasets.val),
             "samples_per_epoch": clock["samples_per_epoch"],
             "skipped_files": datasets.skipped_files,
+            "skipped_samples": sum(skipped),
+            "skipped_samples_per_epoch": skipped,
+            "trained_samples_per_epoch": [n - k for n, k in zip(covered, skipped, strict=True)],
+            "num_skipped_sample_files": len(skipped_names),
+            "skipped_sample_files": skipped_names[:SKIPPED_FILES_LISTED],
+            "val_skipped": final.get("val_skipped", 0),
             "reforms": self.controller.reforms,
             "final_grid": str(self.controller.state.grid),
             "model": self.config.model.name,

@@ -29,6 +29,7 @@ from flashtrain.train.data import (
     make_step_loader,
     make_val_loader,
 )
+from flashtrain.train.decode import SkippedSample
 from flashtrain.train.models import build_model, parameter_groups
 
 _COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,11 +41,12 @@ class StepResult:
 
     global_step: int
     rank: int
-    samples: int
+    samples: int  # samples trained on: this rank's share less the skipped ones
     loss_sum: float
     correct: int
     compute_s: float
     sync_s: float
+    skipped: tuple[SkippedSample, ...] = ()  # this rank's samples whose image would not decode
 
 
 class Worker:
@@ -143,11 +145,20 @@ class Worker:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return StepResult(plan.global_step, self.rank, len(labels), loss_sum, correct,
-                          computed - started, synced - computed)
+                          computed - started, synced - computed, skipped=self._step_skipped)
 
     def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's samples of ``plan``; the data stream is rebuilt from the plan's
-        cursor whenever it is not already there (new epoch, new grid, rollback)."""
+        cursor whenever it is not already there (new epoch, new grid, rollback).
+
+        Samples whose image cannot be decoded are left out and kept in
+        ``self._step_skipped`` for the step's result. ``train_step`` still weights the
+        loss by ``len(labels) / plan.batch``, dividing by the *planned* batch: a skipped
+        sample just contributes no gradient. Dividing by the step's decoded count
+        instead would need every rank to learn the others' skips (one more collective)
+        before its backward pass, for a difference of one sample in a batch.
+        """
+        self._step_skipped: tuple[SkippedSample, ...] = ()
         key = (plan.epoch, self.grid, self.rank, plan.global_batch)
         if self._batches is None or self._batches[0] != key or self._batches[2] != plan.cursor:
             sampler = StepBatchSampler(
@@ -163,7 +174,7 @@ class Worker:
         self._batches[2] = step.end_cursor
         if batch is None:  # this rank's share of a tiny tail step is empty
             return torch.empty(0, device=self.device), torch.empty(0, dtype=torch.long)
-        images, labels = batch
+        images, labels, self._step_skipped = batch
         return (images.to(self.device, non_blocking=True),
                 labels.to(self.device, non_blocking=True))
 
@@ -189,13 +200,17 @@ class Worker:
 
     @torch.no_grad()
     def validate(self, batch_size: int = 256) -> dict:
-        """Top-1/top-5 counts and loss sum over this rank's slice of the validation set."""
+        """Top-1/top-5 counts and loss sum over this rank's slice of the validation set,
+        and how many of its images could not be decoded (``skipped``, not in ``count``)."""
         self.average_buffers()
         self.model.eval()
-        top1 = top5 = count = 0
+        top1 = top5 = count = skipped = 0
         loss_sum = 0.0
-        for images, labels in make_val_loader(self.val_set, self.rank, self.grid.num_workers,
-                                              batch_size):
+        for images, labels, undecodable in make_val_loader(self.val_set, self.rank,
+                                                           self.grid.num_workers, batch_size):
+            skipped += len(undecodable)
+            if not len(labels):
+                continue
             images, labels = images.to(self.device), labels.to(self.device)
             logits = self.model(images).float()
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
@@ -203,7 +218,8 @@ class Worker:
             top1 += int((best[:, 0] == labels).sum())
             top5 += int((best == labels[:, None]).any(dim=1).sum())
             count += len(labels)
-        return {"top1": top1, "top5": top5, "count": count, "loss_sum": loss_sum}
+        return {"top1": top1, "top5": top5, "count": count, "loss_sum": loss_sum,
+                "skipped": skipped}
 
     def state(self) -> dict:
         """Model and optimizer state on the CPU (for checkpoints and newcomers)."""

@@ -24,6 +24,7 @@ from flashtrain.train.data import (
     make_val_loader,
     val_slice,
 )
+from flashtrain.train.decode import SkipUndecodable, UndecodableImage, collate_skipping
 
 DIGITS_PER_CLASS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn's load_digits
 
@@ -237,7 +238,7 @@ def test_zero_share_rank_gets_none_not_an_empty_batch() -> None:
     loader = make_step_loader(dataset, busy, loader_workers=0)
     pairs = list(iterate_steps(busy, loader))
     assert len(pairs) == 5
-    for plan, (values, _labels) in pairs:
+    for plan, (values, _labels, _skipped) in pairs:
         assert plan.batch == 2 and values.tolist() == [float(i) for i in plan.indices]
 
 
@@ -248,8 +249,8 @@ def test_step_loader_decodes_in_worker_processes() -> None:
     loader = make_step_loader(pair.train, sampler, loader_workers=1)
     batches = list(loader)
     assert len(batches) == 3
-    for plan, (images, labels) in zip(sampler.plans(), batches, strict=True):
-        assert images.shape == (4, 3, 8, 8)
+    for plan, (images, labels, skipped) in zip(sampler.plans(), batches, strict=True):
+        assert images.shape == (4, 3, 8, 8) and skipped == ()
         assert labels.tolist() == [pair.train[i][1] for i in plan.indices]
 
 
@@ -259,7 +260,140 @@ def test_val_slices_are_disjoint_and_cover() -> None:
     for rank in range(4):
         assert len(val_slice(11, rank, 4)) in (2, 3)
         loader = make_val_loader(dataset, rank, num_workers=4, batch_size=2)
-        covered.extend(int(v) for values, _ in loader for v in values)
+        covered.extend(int(v) for values, _, _ in loader for v in values)
     assert covered == list(range(11))
     idle = make_val_loader(dataset, 11, num_workers=12, batch_size=4)  # 12 ranks, 11 samples
     assert list(val_slice(11, 11, 12)) == [] and list(idle) == []
+
+
+# --------------------------------------------------------------------------- undecodable images
+#
+# An ImageNet-layout folder with the quirks of real copies: JPEGs cut short (the header
+# still reads), CMYK and grayscale JPEGs, PNG bytes behind a .JPEG name, an empty file,
+# and copying debris (.DS_Store, README.txt, macOS ._ resource forks).
+
+TORN = ("train/cat/torn_0.JPEG", "train/dog/torn_1.JPEG")
+TORN_VAL = "val/dog/torn_val.JPEG"
+ODD_BUT_GOOD = ("train/cat/cmyk.JPEG", "train/dog/gray.JPEG", "train/cat/png_inside.JPEG")
+
+
+def _noise(size: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def _write_torn_jpeg(path: Path, seed: int) -> None:
+    """A real JPEG cut to 60% of its bytes: headers and tables intact, scan data not."""
+    _noise(24, seed).save(path, "JPEG", quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+
+
+def _write_quirky_imagefolder(root: Path) -> None:
+    for split, count in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for n in range(count):
+                _noise(16, hash((split, cls, n)) % 1000).save(root / split / cls / f"{n}.JPEG")
+    for seed, name in enumerate((*TORN, TORN_VAL)):
+        _write_torn_jpeg(root / name, seed)
+    _noise(20, 1).convert("CMYK").save(root / ODD_BUT_GOOD[0], "JPEG")
+    _noise(20, 2).convert("L").save(root / ODD_BUT_GOOD[1], "JPEG")
+    _noise(20, 3).save(root / ODD_BUT_GOOD[2], "PNG")
+    (root / "train/dog/empty.JPEG").write_bytes(b"")
+    for debris in ("train/.DS_Store", "train/cat/.DS_Store", "train/README.txt", "val/README.txt"):
+        (root / debris).write_bytes(b"\x00\x00\x00\x01Bud1 not an image")
+    (root / "train/cat/._0.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+
+
+@pytest.fixture()
+def quirky_dir(tmp_path: Path) -> Path:
+    _write_quirky_imagefolder(tmp_path)
+    return tmp_path
+
+
+def test_torn_jpeg_passes_pil_verify_but_not_the_decode(quirky_dir: Path) -> None:
+    # Why the start-up scan cannot catch it: verify() reads no JPEG scan data.
+    for name in TORN:
+        with Image.open(quirky_dir / name) as image:
+            assert image.size == (24, 24)
+            image.verify()
+        with Image.open(quirky_dir / name) as image, pytest.raises(OSError, match="truncated"):
+            image.load()
+
+
+def test_scan_ignores_debris_and_skips_only_empty_files(quirky_dir: Path) -> None:
+    pair = build_datasets(DataConfig(source="imagefolder", root=str(quirky_dir), image_size=8))
+    assert pair.skipped_files == 1  # the empty file; debris is not counted at all
+    names = {str(Path(path).relative_to(quirky_dir)) for path, _ in pair.train.samples}
+    assert len(pair.train) == 8 + 2 + 3 and set(TORN) | set(ODD_BUT_GOOD) <= names
+    assert not any(Path(name).name.startswith(".") or name.endswith(".txt") for name in names)
+    assert "train/dog/empty.JPEG" not in names and len(pair.val) == 4 + 1
+
+
+def test_cmyk_gray_and_png_behind_jpeg_decode_as_rgb(quirky_dir: Path) -> None:
+    pair = build_datasets(DataConfig(source="imagefolder", root=str(quirky_dir), image_size=8))
+    for name in ODD_BUT_GOOD:
+        index = [str(Path(p).relative_to(quirky_dir)) for p, _ in pair.train.samples].index(name)
+        assert pair.train.loader(pair.train.samples[index][0]).mode == "RGB"
+        image, _label = pair.train[index]
+        assert image.shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_step_loader_skips_undecodable_images_on_the_rank_that_has_them(
+        quirky_dir: Path, loader_workers: int) -> None:
+    pair = build_datasets(DataConfig(source="imagefolder", root=str(quirky_dir), image_size=8))
+    names = [str(Path(path).relative_to(quirky_dir)) for path, _ in pair.train.samples]
+    num_samples, trained, skipped = len(pair.train), 0, []
+    for rank in range(2):
+        sampler = StepBatchSampler(num_samples, epoch=0, start_cursor=0, global_batch=4,
+                                   num_workers=2, rank=rank, seed=3, min_tail=2)
+        loader = make_step_loader(pair.train, sampler, loader_workers)
+        for plan, batch in iterate_steps(sampler, loader):
+            mine = [names[i] for i in plan.indices]
+            # Exactly this rank's torn files of this step, nothing else is touched.
+            assert [s.name for s in batch.skipped] == [n for n in mine if n in TORN]
+            assert all("truncated" in s.reason for s in batch.skipped)
+            assert len(batch.labels) == len(mine) - len(batch.skipped)
+            assert batch.images.shape[1:] == (3, 8, 8) or len(batch.labels) == 0
+            trained += len(batch.labels)
+            skipped.extend(s.name for s in batch.skipped)
+    assert sorted(skipped) == sorted(TORN)
+    assert trained + len(skipped) == num_samples
+
+
+def test_val_loader_skips_and_names_undecodable_images(quirky_dir: Path) -> None:
+    pair = build_datasets(DataConfig(source="imagefolder", root=str(quirky_dir), image_size=8))
+    counted, skipped = 0, []
+    for rank in range(2):
+        for _images, labels, undecodable in make_val_loader(pair.val, rank, 2, batch_size=2):
+            counted += len(labels)
+            skipped.extend(s.name for s in undecodable)
+    assert (counted, skipped) == (4, [TORN_VAL])
+
+
+def test_only_decode_failures_are_skipped_never_other_errors() -> None:
+    class BrokenTransform(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            raise ValueError("a bug in a transform must not pass as a bad image")
+
+    sampler = StepBatchSampler(2, 0, 0, 2, 1, 0, seed=0, min_tail=1)
+    with pytest.raises(ValueError, match="a bug in a transform"):
+        list(make_step_loader(BrokenTransform(), sampler, loader_workers=0))
+
+
+def test_a_batch_of_only_undecodable_images_is_empty(quirky_dir: Path) -> None:
+    pair = build_datasets(DataConfig(source="imagefolder", root=str(quirky_dir), image_size=8))
+    torn = [i for i, (path, _) in enumerate(pair.train.samples)
+            if str(Path(path).relative_to(quirky_dir)) in TORN]
+    with pytest.raises(UndecodableImage, match="torn_.*truncated"):
+        pair.train[torn[0]]  # the bare dataset raises; the loaders' wrapper turns it into a name
+    loader = torch.utils.data.DataLoader(SkipUndecodable(pair.train), batch_sampler=[torn],
+                                         collate_fn=collate_skipping)
+    (batch,) = list(loader)
+    assert len(batch.images) == len(batch.labels) == 0
+    assert sorted(s.name for s in batch.skipped) == sorted(TORN)
