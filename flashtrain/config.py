@@ -44,6 +44,13 @@ class GridConfig(_Section):
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs reserved per worker actor.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per CPU worker, so "
                                "workers do not oversubscribe the cores.")
+    placement_timeout_s: float = Field(0.0, ge=0, description="How long to wait for nodes to "
+                                       "join (an autoscaler, or nodes still starting after "
+                                       "`ray up`) when the cluster's nodes, as they are now, "
+                                       "cannot hold the first grid's workers; the job then "
+                                       "stops and says what it asked for and what the cluster "
+                                       "has. 0 = stop at once (a grid the cluster cannot hold "
+                                       "never waits).")
 
     _shape = field_validator("shape")(classmethod(lambda cls, v: _check_grid_text(v)))
 
@@ -206,6 +213,14 @@ class RuntimeConfig(_Section):
                              "so node faults can be injected; 0 = a plain local Ray.")
     cpus_per_local_node: int = Field(2, ge=1, description="Logical CPUs of each emulated node "
                                      "(Ray wants whole numbers per node).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="How long the job tries to reach "
+                                     "the Ray head's address (a TCP connect, before ray.init) "
+                                     "before it stops and says that nothing answers there.")
+    on_stale_cluster: Literal["local", "stop"] = Field(
+        "local", description="Without ray_address and RAY_ADDRESS, ray.init joins the cluster "
+        "recorded in Ray's temp folder (ray_current_cluster, written by `ray start`). When "
+        "nothing answers at that address (its head has stopped), 'local' starts a local Ray "
+        "for this job and says so; 'stop' stops with a message instead.")
 
 
 class FlashtrainConfig(_Section):

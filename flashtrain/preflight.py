@@ -1,0 +1,178 @@
+"""Checks made before a job starts anything: no Ray, no run directory, no decoding.
+
+A job that cannot run should say so in its first second, not after Ray has started and
+a run directory has been written. Each check here raises :class:`PreflightError` with
+one message that names what is wrong (the path, the class folder, the model name) and
+how to fix it. The checks are cheap on purpose: the data check scans directories (is
+there a ``train/<class>`` folder with at least one image file in it?) and never opens an
+image; unreadable files are still found and skipped later by :mod:`flashtrain.train.data`.
+
+:func:`capacity_shortfall` is the grid-against-cluster arithmetic behind
+:func:`flashtrain.train.placement.check_capacity`, kept here because it is pure.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+
+from flashtrain.config import DataConfig, FlashtrainConfig
+
+TINY_MODEL = "tiny_cnn"
+_NAMED = 5  # how many class folders one message names
+_EPS = 1e-6  # Ray keeps resources in units of 1e-4: 3 x 0.1 CPU must fit in 0.3 CPU
+
+
+class PreflightError(Exception):
+    """The job cannot start as configured; the message says what is wrong and the fix."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+def known_model_names() -> list[str]:
+    """Every name ``model.name`` accepts: ``tiny_cnn`` and torchvision's classification
+    models (not its detection, segmentation, video or quantized ones)."""
+    import torchvision  # local: the other checks must not pay for importing torch
+
+    return [TINY_MODEL, *torchvision.models.list_models(module=torchvision.models)]
+
+
+def check_model(name: str) -> None:
+    """Raise :class:`PreflightError` unless ``name`` is a model the workers can build."""
+    known = known_model_names()
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise PreflightError(f"model.name={name!r} is not a known model{hint}: set model.name to "
+                         f"one of {', '.join(known)}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return IMG_EXTENSIONS
+
+
+def _class_folders(split: Path) -> list[str]:
+    """Class names of an ImageFolder split, as torchvision finds them: its sub-folders."""
+    return sorted(entry.name for entry in os.scandir(split) if entry.is_dir())
+
+
+def _holds_an_image(folder: Path, suffixes: tuple[str, ...]) -> bool:
+    """Whether any file under ``folder`` (any depth, as ImageFolder walks) has an image
+    suffix. Stops at the first one, so a full class folder costs one directory listing."""
+    for _, _, filenames in os.walk(folder, followlinks=True):
+        if any(name.lower().endswith(suffixes) for name in filenames):
+            return True
+    return False
+
+
+def _check_split(root: Path, split: str) -> list[str]:
+    """The class folders of ``root/split``; raises when the folder or its classes are missing."""
+    folder = root / split
+    if not folder.is_dir():
+        raise PreflightError(f"data.root {root} has no {split}/ folder: an image folder needs "
+                             f"{root}/train/<class>/<images> and {root}/val/<class>/<images>")
+    classes = _class_folders(folder)
+    if not classes:
+        raise PreflightError(f"{folder} holds no class folders: put each class's images in "
+                             f"{folder}/<class>/ (e.g. {folder}/n01440764/*.JPEG)")
+    return classes
+
+
+def check_image_folders(root: Path | str) -> None:
+    """Raise :class:`PreflightError` unless ``root`` holds ``train/<class>/`` and
+    ``val/<class>/`` with the same class folders and at least one image file in each."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise PreflightError(f"data.root {root} {what}: set data.root to a folder with "
+                             "train/<class>/<images> and val/<class>/<images>")
+    train, val = _check_split(root, "train"), _check_split(root, "val")
+    if train != val:
+        only_train = sorted(set(train) - set(val))[:_NAMED]
+        only_val = sorted(set(val) - set(train))[:_NAMED]
+        raise PreflightError(f"{root}: train/ and val/ must have the same class folders (only in "
+                             f"train: {only_train}, only in val: {only_val}): add the missing "
+                             "folders or remove the extra ones")
+    suffixes = _image_suffixes()
+    for split in ("train", "val"):
+        empty = [name for name in train if not _holds_an_image(root / split / name, suffixes)]
+        if empty:
+            raise PreflightError(f"class folder {root / split / empty[0]} holds no image files "
+                                 f"({', '.join(suffixes)})"
+                                 + (f", nor do {len(empty) - 1} other(s) in {split}/ "
+                                    f"(e.g. {empty[1:_NAMED]})" if len(empty) > 1 else "")
+                                 + ": add images to it, or remove it from both train/ and val/")
+
+
+def check_data(data_cfg: DataConfig) -> None:
+    """Raise :class:`PreflightError` when ``data_cfg`` names data that is not there.
+    Only ``imagefolder`` reads the user's files; ``digits`` writes its own folder and
+    ``synthetic`` needs none."""
+    if data_cfg.source == "imagefolder":
+        check_image_folders(data_cfg.root)
+
+
+def check_before_start(config: FlashtrainConfig) -> None:
+    """Every check that needs no cluster: the model name, then the data."""
+    check_model(config.model.name)
+    check_data(config.data)
+
+
+# --------------------------------------------------------------------------- cluster size
+
+
+def initial_num_workers(config: FlashtrainConfig) -> int:
+    """Workers of the grid the job forms first (the first phase's grid, else
+    ``grid.shape``); with ``grid.shape=auto`` the job needs room for one at least."""
+    shape = config.schedule.phases[0].grid or config.grid.shape
+    if shape == "auto":
+        return 1
+    rows, cols = shape.split("x")
+    return int(rows) * int(cols)
+
+
+def _workers_fitting(bundle: dict[str, float], node: dict[str, float]) -> int:
+    return min(math.floor(node.get(name, 0.0) / amount + _EPS) for name, amount in bundle.items())
+
+
+def _amounts(resources: dict[str, float], names: list[str]) -> str:
+    return " and ".join(f"{resources.get(name, 0.0):g} {name}" for name in names)
+
+
+def _fix_for(bundle: dict[str, float], num_fitting: int, short: list[str]) -> str:
+    if "GPU" in short and num_fitting == 0:
+        return "set grid.use_gpu=false, or run on a cluster with GPUs"
+    fixes = [f"use a grid of at most {num_fitting} worker(s) (grid.shape)"] if num_fitting else []
+    if "CPU" in short or not short:
+        fixes.append("lower grid.cpus_per_worker")
+    return ", ".join(fixes + ["or add nodes"])
+
+
+def capacity_shortfall(bundle: dict[str, float], num_workers: int,
+                       nodes: list[dict[str, float]]) -> str | None:
+    """``None`` when ``num_workers`` bundles of ``bundle`` fit on ``nodes`` (each node's
+    total resources; a bundle cannot span nodes), otherwise what was asked, what the
+    cluster has and how to fix it. Identical bundles pack greedily, so counting per
+    node is exact."""
+    num_fitting = sum(_workers_fitting(bundle, node) for node in nodes)
+    if num_fitting >= num_workers:
+        return None
+    names = sorted(bundle)
+    asked = {name: amount * num_workers for name, amount in bundle.items()}
+    total = {name: sum(node.get(name, 0.0) for node in nodes) for name in names}
+    per_worker = ", ".join(f"{bundle[name]:g} {name}" for name in names)
+    short = [name for name in names if total[name] + _EPS < asked[name]]
+    spans = "" if short else " (the totals would do, but one worker cannot span nodes)"
+    fix = _fix_for(bundle, num_fitting, short)
+    return (f"the grid needs {num_workers} worker(s) of {per_worker} each "
+            f"({_amounts(asked, names)} in all), but the cluster's {len(nodes)} node(s) have "
+            f"{_amounts(total, names)}, room for {num_fitting} such worker(s){spans}: {fix}")
