@@ -65,6 +65,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep run dirs here (default: a temporary folder, removed)")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--external-kills", type=int, default=0, metavar="N",
+                        help="instead of one injected death: SIGKILL N workers from outside, "
+                             "one at a time, at seeded random moments (flashtrain.bench."
+                             "external_kills), and report the distribution of recoveries")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and victims")
+    parser.add_argument("--min-gap", type=float, default=1.0,
+                        help="shortest wait (s) after a recovery before the next kill")
+    parser.add_argument("--max-gap", type=float, default=4.0,
+                        help="longest wait (s) after a recovery before the next kill")
     args = parser.parse_args(argv)
     args.systems = [s for s in args.systems.split(",") if s]
     unknown = set(args.systems) - set(SYSTEMS)
@@ -121,7 +130,7 @@ def gcs_death_time(class_name: str, not_before: float | None = None,
     return min((t for t in ends if not_before is None or t >= not_before - 1e-3), default=None)
 
 
-def _init_ray(args: argparse.Namespace, dashboard: bool) -> None:
+def init_ray(args: argparse.Namespace, dashboard: bool) -> None:
     """A fresh local Ray (never a cluster someone else started).
 
     Ray Train v2 needs the dashboard: its ``PlacementGroupCleaner`` asks the State API
@@ -143,7 +152,7 @@ def run_flashtrain(args: argparse.Namespace, config, workdir: Path) -> dict:
 
     run_dir = workdir / "flashtrain"
     run_dir.mkdir(parents=True)
-    _init_ray(args, dashboard=False)
+    init_ray(args, dashboard=False)
     try:
         trainer = Trainer(config, run_dir, args.data_cache, say=lambda message: None)
         try:
@@ -185,7 +194,7 @@ def run_raytrain(args: argparse.Namespace, config, workdir: Path, min_tail: int)
 
     from flashtrain.bench.raytrain_peer import run_raytrain as fit
 
-    _init_ray(args, dashboard=True)
+    init_ray(args, dashboard=True)
     started = time.time()
     try:
         raw = fit(config, workdir=workdir / "raytrain", data_cache=args.data_cache,
@@ -249,19 +258,56 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.external_kills > 0:
+        return main_external(args)
+    return main_single(args)
+
+
+def main_external(args: argparse.Namespace) -> int:
+    """The ``--external-kills`` mode (:mod:`flashtrain.bench.external_kills`)."""
+    from flashtrain.bench import external_kills as ext
     from flashtrain.config import load_config
     from flashtrain.train.trainer import max_grid_workers
 
-    args = parse_args(argv)
+    config = load_config(None, ext.external_overrides(args))
+    min_tail = config.data.min_samples_per_worker * max_grid_workers(config, args.workers)
+    _default_data_cache(args)
+    with tempfile.TemporaryDirectory(prefix="bench-kills-") as scratch:
+        workdir = args.workdir or Path(scratch)
+        rows = []
+        if "flashtrain" in args.systems:
+            rows.append(ext.run_flashtrain(args, config, workdir))
+        if "raytrain" in args.systems:
+            rows.append(ext.run_raytrain(args, config, workdir, min_tail))
+    print(ext.format_table(rows, args))
+    if args.json:
+        meta = {"mode": "external-kills", "workers": args.workers, "kills": args.external_kills,
+                "seed": args.seed, "model": args.model, "cpu_count": os.cpu_count(),
+                "flashtrain_overrides": ext.external_overrides(args)}
+        with open(args.json, "w") as handle:
+            json.dump({"meta": meta, "results": rows}, handle, indent=2)
+    return 0 if ext.passed(rows) else 1
+
+
+def _default_data_cache(args: argparse.Namespace) -> None:
+    if args.data_cache is None:
+        from flashtrain.train.data import DEFAULT_DIGITS_CACHE
+
+        args.data_cache = DEFAULT_DIGITS_CACHE.expanduser()
+
+
+def main_single(args: argparse.Namespace) -> int:
+    """One death injected inside the all-reduce of ``--kill-at-step``."""
+    from flashtrain.config import load_config
+    from flashtrain.train.trainer import max_grid_workers
+
     config = load_config(None, overrides(args))
     # Ray Train folds the epoch tail exactly as flashtrain does (same steps, same batches).
     min_tail = config.data.min_samples_per_worker * max_grid_workers(config, args.workers)
     with tempfile.TemporaryDirectory(prefix="bench-elastic-") as scratch:
         workdir = args.workdir or Path(scratch)
-        if args.data_cache is None:
-            from flashtrain.train.data import DEFAULT_DIGITS_CACHE
-
-            args.data_cache = DEFAULT_DIGITS_CACHE.expanduser()
+        _default_data_cache(args)
         rows = []
         if "flashtrain" in args.systems:
             rows.append(run_flashtrain(args, config, workdir))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 TIMELINE = "timeline.jsonl"
 KILL_MARKER = "killed.json"
+STOP_MARKER = "stop.json"
 _STATE_FILE = "state.pt"
 
 
@@ -86,8 +87,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _append(workdir / TIMELINE, {"kind": "start", "step": clock.global_step, "world": world,
                                      "time": time.time()})
 
+    stop_file = workdir / STOP_MARKER
     while clock.epoch < config.schedule.epochs:
         plan = clock.plan(config.schedule)
+        if stop_file.exists() and plan.global_step >= json.loads(stop_file.read_text())["at_step"]:
+            break  # every rank stops before the same step (an external-kill benchmark is done)
         mine = shard_indices(epoch=plan.epoch, cursor=plan.cursor, batch=plan.batch,
                              num_workers=world, rank=rank, num_samples=plan.num_samples,
                              seed=plan.seed)
@@ -97,7 +101,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss = F.cross_entropy(model(images), labels,
                                label_smoothing=config.schedule.label_smoothing)
         marker = workdir / KILL_MARKER
-        if plan.global_step == kill_at_step and rank == world - 1 and not marker.exists():
+        if kill_at_step is not None and plan.global_step == kill_at_step and \
+                rank == world - 1 and not marker.exists():
             marker.write_text(json.dumps({"step": plan.global_step, "rank": rank, "world": world,
                                           "pid": os.getpid(), "time": time.time()}))
             os._exit(1)  # the peers are about to block in DDP's gradient all-reduce
@@ -131,10 +136,12 @@ def _report_with_checkpoint(metrics: dict, model, optimizer, clock, rank: int) -
 
 
 def run_raytrain(config, *, workdir: Path, data_cache: Path, num_workers: int, min_workers: int,
-                 cpus_per_worker: float, kill_at_step: int, min_tail: int,
+                 cpus_per_worker: float, kill_at_step: int | None, min_tail: int,
                  max_failures: int) -> dict:
     """Train ``config`` under Ray Train v2 on the Ray instance already initialised, with
-    one injected worker death at ``kill_at_step``; returns the raw timeline.
+    one injected worker death at ``kill_at_step`` (None: no injected death; an external
+    killer may act instead, and ``stop.json`` in ``workdir`` ends the run); returns the
+    raw timeline.
 
     Returns ``{"kill": marker record or None, "timeline": [rank 0 records], "error": str or
     None, "scaling": what was asked of Ray Train}``.

@@ -5,21 +5,28 @@ bucketing. See :mod:`flashtrain.collective.allreduce` for the algorithms."""
 from flashtrain.collective.allreduce import (
     ALGORITHMS,
     GridComm,
+    abort_grid,
     allreduce_,
     join_grid,
     leave_grid,
 )
-from flashtrain.collective.errors import CollectiveError, CollectiveTimeoutError
+from flashtrain.collective.errors import (
+    CollectiveAbortedError,
+    CollectiveError,
+    CollectiveTimeoutError,
+)
 from flashtrain.collective.fusion import GradientSynchronizer
 from flashtrain.collective.gloo_backend import BACKEND_NAME, register
 
 __all__ = [
     "ALGORITHMS",
     "BACKEND_NAME",
+    "CollectiveAbortedError",
     "CollectiveError",
     "CollectiveTimeoutError",
     "GradientSynchronizer",
     "GridComm",
+    "abort_grid",
     "allreduce_",
     "join_grid",
     "leave_grid",

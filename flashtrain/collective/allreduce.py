@@ -107,6 +107,26 @@ def leave_grid(comm: GridComm) -> None:
                 col.destroy_collective_group(name)
 
 
+def abort_grid(comm: GridComm, reason: str) -> int:
+    """Make this worker's pending and later collectives of ``comm`` fail at once with
+    :class:`~flashtrain.collective.errors.CollectiveAbortedError` (safe from another
+    thread while a collective blocks; a no-op for groups already gone). Returns how many
+    groups were aborted. Only the flashtrain gloo backend can be aborted so far."""
+    import ray.util.collective as col
+    from ray.util.collective.collective import get_group_handle
+
+    aborted = 0
+    for name in comm.group_names:
+        if not col.is_group_initialized(name):
+            continue
+        with contextlib.suppress(Exception):  # destroyed meanwhile by the worker thread
+            handle = get_group_handle(name)
+            if isinstance(handle, gloo_backend.FlashGlooGroup):
+                handle.abort(reason)
+                aborted += 1
+    return aborted
+
+
 # ----------------------------------------------------------------------- transports
 
 

@@ -36,3 +36,22 @@ class CollectiveTimeoutError(CollectiveError):
     def __reduce__(self):
         # Ray pickles exceptions across processes; keep the structured fields.
         return (type(self), (self.group, self.rank, self.op, self.timeout_s))
+
+
+class CollectiveAbortedError(CollectiveError):
+    """A collective was aborted from outside: the controller learnt that a member of the
+    grid died and told every survivor to give up its pending and future collectives of
+    that grid generation at once, instead of waiting for the collective timeout."""
+
+    def __init__(self, group: str, rank: int, op: str, reason: str = ""):
+        self.group = group
+        self.rank = rank
+        self.op = op
+        self.reason = reason
+        message = f"collective {op!r} in group {group!r} (rank {rank}) was aborted"
+        if reason:
+            message += f": {reason}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.group, self.rank, self.op, self.reason))

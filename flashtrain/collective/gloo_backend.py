@@ -11,7 +11,14 @@ its row group and its column group gets wrong sums. Here each group constructs i
   talks to a stale store);
 * every key of the group lives under ``<group>/<nonce>/`` in that store;
 * every operation carries a timeout; an expired clock or a broken connection (dead peer)
-  is raised as :class:`CollectiveTimeoutError` naming group, rank and operation.
+  is raised as :class:`CollectiveTimeoutError` naming group, rank and operation;
+* :meth:`FlashGlooGroup.abort` (called from another thread, e.g. a control method of
+  the worker actor) makes the pending operation and every later one raise
+  :class:`CollectiveAbortedError` at once. gloo itself cannot interrupt a blocked wait
+  (``ProcessGroupGloo.abort()`` does not wake it), so the blocking waits run on a
+  waiter thread of the group and the caller waits on an event that either the waiter
+  or :meth:`~FlashGlooGroup.abort` sets; an aborted wait is left to end at its own
+  (bounded) timeout in the background.
 
 ``register()`` must run in the driver and in every actor process (Ray instantiates the
 group class by name in the process that joins).
@@ -22,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import queue
 import threading
 import time
 import uuid
@@ -32,7 +40,11 @@ import torch.distributed as dist
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
 from torch._C import _distributed_c10d as c10d  # AllgatherOptions is not re-exported
 
-from flashtrain.collective.errors import CollectiveError, CollectiveTimeoutError
+from flashtrain.collective.errors import (
+    CollectiveAbortedError,
+    CollectiveError,
+    CollectiveTimeoutError,
+)
 
 BACKEND_NAME = "FLASHTRAIN_GLOO"
 DEFAULT_TIMEOUT_S = 30.0
@@ -161,6 +173,46 @@ class _Rendezvous:
             kv._internal_kv_del(_rendezvous_key(self.group_name), namespace=_KV_NAMESPACE)
 
 
+class _Waiter:
+    """A daemon thread that runs a group's blocking waits one after another.
+
+    The caller hands it a wait and blocks on an event instead, so an abort from another
+    thread can wake the caller while gloo still waits (bounded by its own timeout).
+    """
+
+    def __init__(self, group_name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=f"gloo-wait-{group_name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
+
+    def submit(self, wait: Callable[[], None], done: threading.Event) -> list:
+        """Run ``wait`` on the thread; ``done`` is set when it returns or raises. The
+        returned list receives the exception it raised, if any."""
+        outcome: list = []
+
+        def job() -> None:
+            try:
+                wait()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        self._jobs.put(job)
+        return outcome
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 class FlashGlooGroup(BaseGroup):
     """One independent gloo process group (see the module docstring)."""
 
@@ -168,8 +220,12 @@ class FlashGlooGroup(BaseGroup):
         super().__init__(world_size, rank, group_name)
         self.timeout_s, rendezvous_s = _take_group_timeouts(group_name)
         self._deadline: float | None = None
+        self._abort_reason: str | None = None
+        self._wakers: set[threading.Event] = set()
+        self._wakers_lock = threading.Lock()
         self._rendezvous = _Rendezvous(group_name, rank, rendezvous_s)
         self._store, self._pg = self._connect()
+        self._waiter = _Waiter(group_name)
 
     def _connect(self) -> tuple[dist.Store, dist.ProcessGroupGloo]:
         try:
@@ -213,7 +269,21 @@ class FlashGlooGroup(BaseGroup):
         if pg is not None:
             with contextlib.suppress(Exception):
                 pg.abort()
+            self._waiter.stop()
         self._store = None
+
+    def abort(self, reason: str) -> None:
+        """Fail the pending operation and every later one with
+        :class:`CollectiveAbortedError` (thread-safe; sticky until the group is gone)."""
+        with self._wakers_lock:
+            self._abort_reason = reason or "aborted"
+            wakers = list(self._wakers)
+        for event in wakers:
+            event.set()
+
+    @property
+    def aborted(self) -> bool:
+        return self._abort_reason is not None
 
     @contextlib.contextmanager
     def deadline(self, seconds: float | None = None) -> Iterator[None]:
@@ -239,15 +309,53 @@ class FlashGlooGroup(BaseGroup):
 
     def _run(self, op: str, start: Callable[[datetime.timedelta], object]) -> None:
         """Start an operation with the remaining time as its timeout and wait for it."""
+        self._check_usable(op)
+        remaining = self._remaining_s(op)
+        work = self._started(op, lambda: start(_td(remaining)))
+        self._await(op, remaining, lambda: work.wait())
+
+    def _check_usable(self, op: str) -> None:
+        if self._abort_reason is not None:
+            raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
         if self._pg is None:
             raise CollectiveError(f"group {self.group_name!r} was destroyed; cannot run {op}")
-        timeout = _td(self._remaining_s(op))
+
+    def _started(self, op: str, start: Callable[[], object]):
         try:
-            start(timeout).wait()
+            return start()
         except RuntimeError as exc:
             raise CollectiveTimeoutError(
                 self.group_name, self.rank, op, self.timeout_s, _first_line(exc)
             ) from exc
+
+    def _await(self, op: str, remaining_s: float, wait: Callable[[], None]) -> None:
+        """Wait on the waiter thread for ``wait``, for at most ``remaining_s``; an
+        :meth:`abort` ends the wait at once."""
+        done = threading.Event()
+        with self._wakers_lock:
+            if self._abort_reason is not None:
+                raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
+            self._wakers.add(done)
+        try:
+            outcome = self._waiter.submit(wait, done)
+            # gloo's own timeout ends ``wait`` first; the margin only guards against a
+            # wait that ignores it.
+            done.wait(remaining_s + 1.0)
+        finally:
+            with self._wakers_lock:
+                self._wakers.discard(done)
+        if self._abort_reason is not None and not (done.is_set() and not outcome):
+            raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
+        if not done.is_set():
+            raise CollectiveTimeoutError(self.group_name, self.rank, op, self.timeout_s,
+                                         "the wait outlived its own timeout")
+        if outcome:
+            exc = outcome[0]
+            if isinstance(exc, RuntimeError):
+                raise CollectiveTimeoutError(
+                    self.group_name, self.rank, op, self.timeout_s, _first_line(exc)
+                ) from exc
+            raise exc
 
     @staticmethod
     def _one(tensors) -> torch.Tensor:
@@ -354,18 +462,18 @@ class FlashGlooGroup(BaseGroup):
                                        self._pg.recv([recv_tensor], src, 0)])
 
     def _p2p(self, op: str, start: Callable[[], list]) -> None:
-        if self._pg is None:
-            raise CollectiveError(f"group {self.group_name!r} was destroyed; cannot run {op}")
+        self._check_usable(op)
         # Point-to-point calls take no options and ignore set_timeout (gloo keeps the
         # timeout the mesh was formed with): bound each wait instead.
-        deadline = time.monotonic() + self._remaining_s(op)
-        try:
-            for work in start():
+        remaining = self._remaining_s(op)
+        deadline = time.monotonic() + remaining
+        works = self._started(op, start)
+
+        def wait() -> None:
+            for work in works:
                 work.wait(_td(deadline - time.monotonic()))
-        except RuntimeError as exc:
-            raise CollectiveTimeoutError(
-                self.group_name, self.rank, op, self.timeout_s, _first_line(exc)
-            ) from exc
+
+        self._await(op, remaining, wait)
 
 
 def _reduce_op(options) -> dist.ReduceOp:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from flashtrain.collective.errors import CollectiveError
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.faults import FaultInjector
 from flashtrain.elastic.membership import Member, SparePool, alive, start_worker
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 
 _PING_TIMEOUT_S = 5.0
 _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """A failure that means "the grid could not finish", as opposed to a bug or bad input
+    in worker code: the worker died (Ray knows), a call timed out, or a collective gave
+    up because a peer died, hung or was aborted."""
+    if isinstance(err, RayActorError | GetTimeoutError):
+        return True
+    if isinstance(err, RayTaskError):
+        return isinstance(err.as_instanceof_cause(), CollectiveError)
+    return False
 
 
 class StepFailed(RuntimeError):
@@ -54,6 +66,20 @@ class StepFailed(RuntimeError):
 
 class ElasticAbort(RuntimeError):
     """The run cannot continue (too few workers for too long, too many re-forms)."""
+
+
+class WorkerError(ElasticAbort):
+    """Worker code raised (a bug, bad input): not a membership change, so re-forming
+    cannot help; the run stops with that worker's error."""
+
+    def __init__(self, rank: int, method: str, cause: RayTaskError):
+        self.rank = rank
+        self.method = method
+        self.cause = cause
+        inner = getattr(cause, "cause", None)
+        detail = (f"{type(inner).__name__}: {inner}" if inner is not None
+                  else str(cause).strip().splitlines()[-1])
+        super().__init__(f"worker rank {rank} raised in {method}: {detail}")
 
 
 @dataclass
@@ -150,11 +176,7 @@ class ElasticController:
         """In-memory commit on every member, then on the clock (the clock's commit is
         the one everybody returns to, so it moves only once all members hold it)."""
         step = ray.get(clock.state.remote(), timeout=self.timeout)["global_step"]
-        refs = [a.commit.remote(step) for a in self.state.actors]
-        try:
-            ray.get(refs, timeout=self.timeout)
-        except _FAILURES as err:
-            raise StepFailed(None, err, refs, step=step) from err
+        self.run_on_grid("commit", step, step=step)
         self.committed_step = ray.get(clock.commit.remote(), timeout=self.timeout)["global_step"]
         self._grow_if_ready(clock)
 
@@ -163,6 +185,48 @@ class ElasticController:
                  "scaler": payload.get("scaler")}
         ref = ray.put(state)
         ray.get([a.load_state.remote(ref) for a in self.state.actors], timeout=self.timeout)
+
+    # -- calls on every member ---------------------------------------------------------
+
+    def run_on_grid(self, method: str, *args, step: int | None = None, plan=None) -> list:
+        """Call ``method`` on every member and return the results in rank order.
+
+        Fails fast: the first member whose call fails (died, timed out, collective gave
+        up) makes every other member abort its collectives of this generation through the
+        control concurrency group (which does not queue behind the blocked call), so the
+        survivors return within milliseconds instead of waiting out the collective
+        timeout; then :class:`StepFailed` is raised. Worker code that raised anything
+        else is not a membership change: :class:`WorkerError` stops the run.
+        """
+        state = self.state
+        refs = [getattr(actor, method).remote(*args) for actor in state.actors]
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        deadline = time.monotonic() + self.timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                err = GetTimeoutError(f"{method} did not finish on {len(pending)} member(s) "
+                                      f"within runtime.remote_timeout_s={self.timeout:g}s")
+                self._abort_grid(state, f"{method} timed out")
+                raise StepFailed(plan, err, refs, step=step) from None
+            try:
+                ray.get(ready[0], timeout=0)
+            except _FAILURES as err:
+                rank = rank_of[ready[0]]
+                self._abort_grid(state, f"rank {rank} failed in {method}: {type(err).__name__}")
+                if not is_collective_failure(err):
+                    ray.wait(pending, num_returns=len(pending), timeout=_PING_TIMEOUT_S)
+                    raise WorkerError(rank, method, err) from err
+                raise StepFailed(plan, err, refs, step=step) from err
+        return ray.get(refs, timeout=0)
+
+    def _abort_grid(self, state: GridState, reason: str) -> None:
+        """Tell every member to abort its collectives of ``state``'s generation (fire and
+        forget: a dead member's call just fails)."""
+        for actor in state.actors:
+            actor.abort_collectives.remote(state.generation, reason)
 
     # -- hooks around a step -------------------------------------------------------------
 

@@ -15,9 +15,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from flashtrain.config import GridConfig
 from flashtrain.train.placement import Reservation, in_bundle, reserve_async
-from flashtrain.train.worker import Worker
+from flashtrain.train.worker import CONTROL_GROUP, Worker
 
-WorkerActor = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
+WorkerActor = ray.remote(max_restarts=0, max_task_retries=0,
+                         concurrency_groups={CONTROL_GROUP: 1})(Worker)
 _DEAD = (RayActorError, RayTaskError, GetTimeoutError)
 
 

@@ -18,7 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flashtrain.config import FlashtrainConfig
-from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridState, StepFailed
+from flashtrain.elastic.controller import ElasticAbort, ElasticController, StepFailed
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
 from flashtrain.train.checkpoint import (
@@ -94,6 +94,14 @@ def max_grid_workers(config: FlashtrainConfig, initial_workers: int) -> int:
     return max(sizes)
 
 
+_MEMBER_FAILURES = (StepFailed, RayActorError, RayTaskError, GetTimeoutError)
+
+
+def _as_failure(err: BaseException, step: int) -> StepFailed:
+    """A failure of the grid at clock position ``step`` (a StepFailed stays as it is)."""
+    return err if isinstance(err, StepFailed) else StepFailed(None, err, step=step)
+
+
 class Trainer:
     """Owns one run: the clock actor, the grid (through the controller), the run dir."""
 
@@ -109,6 +117,11 @@ class Trainer:
         self.totals = RunTotals()
         self.timeout = config.runtime.remote_timeout_s
         self.cluster = cluster  # an emulated multi-node cluster, for node faults
+        # What the driver is doing now (step, commit, validate, checkpoint, reform): read
+        # by benchmarks that kill workers from outside, to report where each kill landed.
+        self.activity = "start"
+        # Set (from any thread) to end the run cleanly before this global step.
+        self.stop_at_step: int | None = None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -164,30 +177,38 @@ class Trainer:
             plan: StepPlan = ray.get(self.clock.next_plan.remote(), timeout=self.timeout)
             if cfg.runtime.max_steps is not None and plan.global_step >= cfg.runtime.max_steps:
                 break
+            if self.stop_at_step is not None and plan.global_step >= self.stop_at_step:
+                self.say(f"stopping before step {plan.global_step}, as asked")
+                break
+            step_done = plan.global_step + 1
             try:
+                self.activity = "step"
                 self.controller.before_step(plan, self.clock)
                 results, seconds = self._step(plan)
                 ray.get(self.clock.advance.remote(plan), timeout=self.timeout)
                 self.controller.after_step(plan)
                 self._record_step(plan, results, seconds, progress)
-                step_done = plan.global_step + 1
                 if step_done % cfg.elastic.commit_every_steps == 0 or plan.end_of_epoch:
+                    self.activity = "commit"
                     self.controller.commit(self.clock)
-            except StepFailed as failure:
-                self._recover(failure)
+            except _MEMBER_FAILURES as err:
+                self._recover(_as_failure(err, step=plan.global_step))
                 continue
             try:
                 if plan.end_of_epoch:
+                    self.activity = "validate"
                     self._validate(epoch=plan.epoch)
                 if step_done % cfg.checkpoint.every_steps == 0:
+                    self.activity = "checkpoint"
                     self._checkpoint()
-            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            except _MEMBER_FAILURES as err:
                 # A member lost while validating or checkpointing: re-form like after a
                 # failed step (training state is committed at every epoch end).
-                self._recover(StepFailed(None, err, step=step_done))
+                self._recover(_as_failure(err, step=step_done))
 
     def _recover(self, failure: StepFailed, attempts: int = 3) -> None:
         """Re-form after ``failure``; a member lost while re-forming starts another round."""
+        self.activity = "reform"
         for attempt in range(attempts):
             try:
                 self.controller.recover(failure, self.clock)
@@ -199,13 +220,8 @@ class Trainer:
         raise ElasticAbort(f"could not re-form the grid in {attempts} attempts") from failure.cause
 
     def _step(self, plan: StepPlan) -> tuple[list, float]:
-        state: GridState = self.controller.state
         begun = time.perf_counter()
-        refs = [actor.train_step.remote(plan) for actor in state.actors]
-        try:
-            results = ray.get(refs, timeout=self.timeout)
-        except (RayActorError, RayTaskError, GetTimeoutError) as err:
-            raise StepFailed(plan, err, refs) from err
+        results = self.controller.run_on_grid("train_step", plan, plan=plan)
         return results, time.perf_counter() - begun
 
     # -- records -------------------------------------------------------------------------
@@ -239,8 +255,7 @@ class Trainer:
                         batch=plan.global_batch, lr=plan.lr, grid=grid)
 
     def _validate(self, epoch: int | None = None, final: bool = False) -> dict:
-        refs = [actor.validate.remote() for actor in self.controller.state.actors]
-        counts = ray.get(refs, timeout=self.timeout)
+        counts = self.controller.run_on_grid("validate", step=self.controller.committed_step)
         total = sum(c["count"] for c in counts) or 1
         result = {"top1": sum(c["top1"] for c in counts) / total,
                   "top5": sum(c["top5"] for c in counts) / total,
@@ -257,7 +272,7 @@ class Trainer:
     def _checkpoint(self) -> Path:
         clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
         actors = self.controller.state.actors
-        ray.get([a.average_buffers.remote() for a in actors], timeout=self.timeout)
+        self.controller.run_on_grid("average_buffers", step=clock["global_step"])
         state = ray.get(actors[0].state.remote(), timeout=self.timeout)
         path = save_checkpoint(self.checkpoint_dir, clock["global_step"],
                                self._payload(state, clock))

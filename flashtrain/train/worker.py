@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +33,7 @@ from flashtrain.train.data import (
 from flashtrain.train.decode import SkippedSample
 from flashtrain.train.models import build_model, parameter_groups
 
+CONTROL_GROUP = "control"
 _COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -100,9 +102,19 @@ class Worker:
             collective.leave_grid(self.comm)
         self.comm, self._sync, self._batches = None, None, None
 
-    def node_id(self) -> str:
-        import ray
+    # The control concurrency group runs beside a blocked step (the actor is created with
+    # ``concurrency_groups={CONTROL_GROUP: 1}``): the controller reaches a worker that
+    # waits inside a collective for a peer that is already dead.
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def abort_collectives(self, generation: int, reason: str) -> bool:
+        """Fail this worker's pending and later collectives of grid ``generation`` at once
+        (a member died: the step cannot complete). Stale generations are ignored."""
+        comm = self.comm
+        if comm is None or comm.generation != generation:
+            return False
+        return collective.abort_grid(comm, reason) > 0
 
+    def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     # -- training --------------------------------------------------------------------
