@@ -246,7 +246,7 @@ class Trainer:
         record = dict(step=plan.global_step, epoch=plan.epoch, loss=loss, lr=plan.lr,
                       global_batch=plan.global_batch, samples=samples,
                       images_per_sec=samples / seconds if seconds > 0 else 0.0, grid=grid,
-                      step_seconds=seconds,
+                      generation=self.controller.state.generation, step_seconds=seconds,
                       sync_seconds=max(r.sync_s for r in results),
                       train_acc=sum(r.correct for r in results) / max(samples, 1))
         if plan.global_step % self.config.runtime.log_every_steps == 0 or plan.end_of_epoch:
