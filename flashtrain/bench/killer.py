@@ -36,19 +36,28 @@ def alive_actor_pids(class_suffix: str, actor_ids: set[str] | None = None) -> di
             and info.get("Pid") and (actor_ids is None or actor_id in actor_ids)}
 
 
-def completed_steps(path: Path, time_offset: float = 0.0) -> list[tuple[int, float]]:
-    """``(global step, unix time)`` of every step record in a JSONL file (records with
-    ``"kind": "step"``, ``"step"`` and ``"time"``; ``time_offset`` is added to times)."""
+def completed_steps(path: Path, time_offset: float = 0.0) -> list[tuple[int, float, int]]:
+    """``(global step, unix time, incarnation)`` of every completed step in a JSONL file.
+
+    A step record has ``"kind": "step"``, ``"step"`` and ``"time"`` (``time_offset`` is
+    added). The incarnation tells a step that ran after a failure was handled from one
+    that merely finished as the victim died: flashtrain's records carry the grid
+    ``generation``; for the Ray Train peer it counts the ``start`` records (worker-group
+    restarts) seen before the step.
+    """
     if not path.exists():
         return []
-    steps = []
+    steps, starts = [], 0
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line being written right now
             continue
-        if record.get("kind") == "step":
-            steps.append((int(record["step"]), float(record["time"]) + time_offset))
+        if record.get("kind") == "start":
+            starts += 1
+        elif record.get("kind") == "step":
+            steps.append((int(record["step"]), float(record["time"]) + time_offset,
+                          int(record.get("generation", starts))))
     return steps
 
 
@@ -60,6 +69,7 @@ class Kill:
     pid: int
     activity: str
     last_step_before: int | None
+    incarnation_before: int
     recovery_seconds: float | None = None
     resume_step: int | None = None
 
@@ -74,8 +84,11 @@ class Kill:
 class ExternalKiller:
     """SIGKILLs ``num_kills`` workers, one at a time, at seeded random moments.
 
-    ``victims()`` returns ``{actor id: pid}`` of the workers that may be killed now;
-    ``steps()`` returns the completed steps so far; ``activity()`` (optional) what the
+    ``victims()`` returns ``{actor id: pid}`` of the workers that may be killed now (a
+    kill waits until there are at least two, so that the grid has survivors);
+    ``steps()`` returns the completed steps so far (:func:`completed_steps`); a kill has
+    recovered at the first step completed after it in a later incarnation (a step that
+    finished as the victim died does not count). ``activity()`` (optional) what the
     driver is doing, recorded with each kill. After the last kill has recovered and
     ``steps_after`` more steps completed, ``on_done()`` is called (to end the run).
     """
@@ -83,7 +96,7 @@ class ExternalKiller:
     num_kills: int
     seed: int
     victims: Callable[[], dict[str, int]]
-    steps: Callable[[], list[tuple[int, float]]]
+    steps: Callable[[], list[tuple[int, float, int]]]
     on_done: Callable[[int], None]
     activity: Callable[[], str] = lambda: "-"
     min_gap_s: float = 1.0
@@ -113,6 +126,7 @@ class ExternalKiller:
     def _kill_all(self) -> None:
         rng = random.Random(self.seed)
         if not self._wait_for(lambda s: len(s) >= self.first_after_steps, 600):
+            self.error = "training never reached its first steps"
             return
         for _ in range(self.num_kills):
             if self._stop.wait(rng.uniform(self.min_gap_s, self.max_gap_s)):
@@ -120,24 +134,27 @@ class ExternalKiller:
             kill = self._kill_one(rng)
             if kill is None:
                 return
-            if not self._wait_for(lambda s, k=kill: any(t > k.time for _, t in s),
+            if not self._wait_for(lambda s, k=kill: self._recovered(k, s) is not None,
                                   self.recovery_limit_s):
                 self.error = f"no step completed within {self.recovery_limit_s:.0f}s of a kill"
                 return
             self._measure(kill)
         after = self.kills[-1].resume_step if self.kills else 0
-        self._wait_for(lambda s: max((n for n, _ in s), default=0) >= after + self.steps_after, 120)
-        last = max((n for n, _ in self.steps()), default=0)
+        self._wait_for(lambda s: max((n for n, *_ in s), default=0) >= after + self.steps_after,
+                       120)
+        last = max((n for n, *_ in self.steps()), default=0)
         self.on_done(last + 1)
 
     def _kill_one(self, rng: random.Random) -> Kill | None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not self._stop.is_set() and time.monotonic() < deadline:
             victims = self.victims()
-            if victims:
+            if len(victims) >= 2:
                 pid = victims[rng.choice(sorted(victims))]
-                before = max((n for n, _ in self.steps()), default=None)
-                kill = Kill(time.time(), pid, self.activity(), before)
+                steps = self.steps()
+                kill = Kill(time.time(), pid, self.activity(),
+                            max((n for n, *_ in steps), default=None),
+                            max((g for *_, g in steps), default=0))
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:  # it ended on its own just now: pick again
@@ -145,12 +162,18 @@ class ExternalKiller:
                 self.kills.append(kill)
                 return kill
             time.sleep(0.05)
-        self.error = self.error or "no live worker to kill within 60 s"
+        self.error = self.error or "fewer than two live workers to choose from for 120 s"
         return None
 
+    @staticmethod
+    def _recovered(kill: Kill, steps: list) -> tuple[float, int] | None:
+        """(time, step) of the first step that ran after the kill was handled."""
+        after = [(at, step) for step, at, incarnation in steps
+                 if at > kill.time and incarnation > kill.incarnation_before]
+        return min(after) if after else None
+
     def _measure(self, kill: Kill) -> None:
-        after = [(at, step) for step, at in self.steps() if at > kill.time]
-        first_time, resume_step = min(after)
+        first_time, resume_step = self._recovered(kill, self.steps())
         kill.recovery_seconds = first_time - kill.time
         kill.resume_step = resume_step
 

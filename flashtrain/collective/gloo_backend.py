@@ -173,6 +173,13 @@ class _Rendezvous:
             kv._internal_kv_del(_rendezvous_key(self.group_name), namespace=_KV_NAMESPACE)
 
 
+class _Outcome:
+    """What became of a wait handed to a :class:`_Waiter`."""
+
+    finished: bool = False
+    error: BaseException | None = None
+
+
 class _Waiter:
     """A daemon thread that runs a group's blocking waits one after another.
 
@@ -190,26 +197,33 @@ class _Waiter:
         while True:
             job = self._jobs.get()
             if job is None:
+                # Dropping the last reference to the process group here, not in the caller:
+                # ~ProcessGroupGloo joins gloo's threads, so after an abort it blocks
+                # until the abandoned operation reaches its own timeout.
+                self._keep = None
                 return
             job()
 
-    def submit(self, wait: Callable[[], None], done: threading.Event) -> list:
-        """Run ``wait`` on the thread; ``done`` is set when it returns or raises. The
-        returned list receives the exception it raised, if any."""
-        outcome: list = []
+    def submit(self, wait: Callable[[], None], wake: threading.Event) -> _Outcome:
+        """Run ``wait`` on the thread; ``wake`` is set when it has returned or raised."""
+        outcome = _Outcome()
 
         def job() -> None:
             try:
                 wait()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                outcome.append(exc)
+                outcome.error = exc
             finally:
-                done.set()
+                outcome.finished = True
+                wake.set()
 
         self._jobs.put(job)
         return outcome
 
-    def stop(self) -> None:
+    def stop(self, keep: object = None) -> None:
+        """End the thread once its current wait is over; ``keep`` (the process group)
+        is released on the thread, after that wait."""
+        self._keep = keep
         self._jobs.put(None)
 
 
@@ -269,7 +283,8 @@ class FlashGlooGroup(BaseGroup):
         if pg is not None:
             with contextlib.suppress(Exception):
                 pg.abort()
-            self._waiter.stop()
+            self._waiter.stop(keep=pg)
+            del pg
         self._store = None
 
     def abort(self, reason: str) -> None:
@@ -331,31 +346,33 @@ class FlashGlooGroup(BaseGroup):
     def _await(self, op: str, remaining_s: float, wait: Callable[[], None]) -> None:
         """Wait on the waiter thread for ``wait``, for at most ``remaining_s``; an
         :meth:`abort` ends the wait at once."""
-        done = threading.Event()
+        wake = threading.Event()  # set by the waiter when done, or by abort()
         with self._wakers_lock:
             if self._abort_reason is not None:
                 raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
-            self._wakers.add(done)
+            self._wakers.add(wake)
         try:
-            outcome = self._waiter.submit(wait, done)
+            outcome = self._waiter.submit(wait, wake)
             # gloo's own timeout ends ``wait`` first; the margin only guards against a
             # wait that ignores it.
-            done.wait(remaining_s + 1.0)
+            wake.wait(remaining_s + 1.0)
         finally:
             with self._wakers_lock:
-                self._wakers.discard(done)
-        if self._abort_reason is not None and not (done.is_set() and not outcome):
-            raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
-        if not done.is_set():
+                self._wakers.discard(wake)
+        if not outcome.finished:
+            if self._abort_reason is not None:
+                raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
             raise CollectiveTimeoutError(self.group_name, self.rank, op, self.timeout_s,
                                          "the wait outlived its own timeout")
-        if outcome:
-            exc = outcome[0]
-            if isinstance(exc, RuntimeError):
+        if outcome.error is not None:
+            if self._abort_reason is not None:
+                raise CollectiveAbortedError(self.group_name, self.rank, op,
+                                             self._abort_reason) from outcome.error
+            if isinstance(outcome.error, RuntimeError):
                 raise CollectiveTimeoutError(
-                    self.group_name, self.rank, op, self.timeout_s, _first_line(exc)
-                ) from exc
-            raise exc
+                    self.group_name, self.rank, op, self.timeout_s, _first_line(outcome.error)
+                ) from outcome.error
+            raise outcome.error
 
     @staticmethod
     def _one(tensors) -> torch.Tensor:
