@@ -60,6 +60,7 @@ def run_flashtrain(args: argparse.Namespace, config, workdir: Path) -> dict:
     import ray
 
     from flashtrain.bench.elastic import init_ray
+    from flashtrain.train.metrics import read_metrics
     from flashtrain.train.trainer import Trainer
 
     run_dir = workdir / "flashtrain"
@@ -95,6 +96,9 @@ def run_flashtrain(args: argparse.Namespace, config, workdir: Path) -> dict:
         ray.shutdown()
     row = {"system": "flashtrain", **summarize(killer.kills), "error": error or killer.error,
            "per_kill": [_kill_record(k) for k in killer.kills]}
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+    if len(losses) >= 20:  # mean training loss of the first and the last ten steps
+        row.update(loss_first=sum(losses[:10]) / 10, loss_last=sum(losses[-10:]) / 10)
     if summary is not None:
         row.update(global_steps=summary["global_steps"], reforms=len(summary["reforms"]),
                    samples_per_epoch=summary["samples_per_epoch"],
@@ -172,6 +176,9 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
         if "exactly_once" in ours:
             lines.append(f"flashtrain samples per finished epoch == {ours['dataset_train_size']}: "
                          f"{ours['exactly_once']} ({ours['reforms']} re-forms)")
+        if "loss_first" in ours:
+            lines.append(f"flashtrain training loss, first 10 steps {ours['loss_first']:.3f} -> "
+                         f"last 10 steps {ours['loss_last']:.3f}")
     lines.extend(verdict(rows))
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ bucketing. See :mod:`flashtrain.collective.allreduce` for the algorithms."""
 from flashtrain.collective.allreduce import (
     ALGORITHMS,
     GridComm,
+    abort_forming,
     abort_grid,
     allreduce_,
     join_grid,
@@ -26,6 +27,7 @@ __all__ = [
     "CollectiveTimeoutError",
     "GradientSynchronizer",
     "GridComm",
+    "abort_forming",
     "abort_grid",
     "allreduce_",
     "join_grid",

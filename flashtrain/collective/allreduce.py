@@ -107,6 +107,15 @@ def leave_grid(comm: GridComm) -> None:
                 col.destroy_collective_group(name)
 
 
+def abort_forming(generation: int, reason: str, prefix: str = "") -> None:
+    """Make this process's rendezvous for grid ``generation`` (joins in progress or
+    still to come) fail at once with
+    :class:`~flashtrain.collective.errors.CollectiveAbortedError`: a member of that grid
+    died, so it can never form."""
+    gloo_backend.abort_forming(world_group_name(generation, prefix).removeprefix(
+        f"{prefix}world"), reason)
+
+
 def abort_grid(comm: GridComm, reason: str) -> int:
     """Make this worker's pending and later collectives of ``comm`` fail at once with
     :class:`~flashtrain.collective.errors.CollectiveAbortedError` (safe from another

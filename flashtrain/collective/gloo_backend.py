@@ -78,6 +78,26 @@ def _take_group_timeouts(group_name: str) -> tuple[float, float]:
         return _timeouts_by_group.pop(group_name, (DEFAULT_TIMEOUT_S, DEFAULT_TIMEOUT_S))
 
 
+# Groups being formed cannot be reached through a group object yet: an abort of their
+# forming is recorded here by name suffix (the grid generation, e.g. "@g3"), and the
+# rendezvous of any group whose name ends with it gives up at its next poll.
+_forming_aborts_lock = threading.Lock()
+_forming_aborts: dict[str, str] = {}
+
+
+def abort_forming(name_suffix: str, reason: str) -> None:
+    """Make every rendezvous of a group whose name ends with ``name_suffix``, in this
+    process, now or later, fail with :class:`CollectiveAbortedError` (thread-safe)."""
+    with _forming_aborts_lock:
+        _forming_aborts[name_suffix] = reason or "aborted"
+
+
+def _forming_aborted(group_name: str) -> str | None:
+    with _forming_aborts_lock:
+        return next((reason for suffix, reason in _forming_aborts.items()
+                     if group_name.endswith(suffix)), None)
+
+
 def register() -> str:
     """Register the backend with ``ray.util.collective`` in this process (idempotent)."""
     import ray.util.collective  # noqa: F401  (registers the built-in backends first)
@@ -107,11 +127,34 @@ def _first_line(exc: BaseException) -> str:
 class _Rendezvous:
     """Host or find the group's TCPStore through Ray's internal KV, with a deadline."""
 
-    def __init__(self, group_name: str, rank: int, timeout_s: float):
+    def __init__(self, group_name: str, rank: int, world_size: int, timeout_s: float):
         self.group_name = group_name
         self.rank = rank
+        self.world_size = world_size
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
+
+    def check_aborted(self) -> None:
+        reason = _forming_aborted(self.group_name)
+        if reason is not None:
+            raise CollectiveAbortedError(self.group_name, self.rank, "rendezvous", reason)
+
+    def wait_for_everyone(self, store: dist.Store) -> None:
+        """Count in at the store, then poll until every member has (abortable).
+
+        gloo's own mesh set-up blocks in C++ until the last member arrives or its
+        timeout passes, and nothing can interrupt it: so it starts only once every
+        member is known to be here, and a member that died on the way is waited for
+        here, where an abort ends the wait.
+        """
+        store.add("arrived", 1)
+        while store.add("arrived", 0) < self.world_size:
+            self.check_aborted()
+            if time.monotonic() > self.deadline:
+                raise CollectiveTimeoutError(
+                    self.group_name, self.rank, "rendezvous", self.timeout_s,
+                    f"only {store.add('arrived', 0)} of {self.world_size} members arrived")
+            time.sleep(_POLL_INTERVAL_S)
 
     def host(self) -> tuple[dist.Store, str]:
         """Start the store (rank 0) and publish where it is."""
@@ -134,6 +177,7 @@ class _Rendezvous:
         """Find rank 0's store and connect; retry on a stale record until the deadline."""
         last_error: Exception | None = None
         while time.monotonic() < self.deadline:
+            self.check_aborted()
             record = self._lookup()
             if record is None:
                 time.sleep(_POLL_INTERVAL_S)
@@ -237,7 +281,7 @@ class FlashGlooGroup(BaseGroup):
         self._abort_reason: str | None = None
         self._wakers: set[threading.Event] = set()
         self._wakers_lock = threading.Lock()
-        self._rendezvous = _Rendezvous(group_name, rank, rendezvous_s)
+        self._rendezvous = _Rendezvous(group_name, rank, world_size, rendezvous_s)
         self._store, self._pg = self._connect()
         self._waiter = _Waiter(group_name)
 
@@ -246,12 +290,15 @@ class FlashGlooGroup(BaseGroup):
             store, nonce = (self._rendezvous.host() if self.rank == 0
                             else self._rendezvous.join())
             prefixed = dist.PrefixStore(f"{self.group_name}/{nonce}/", store)
+            self._rendezvous.wait_for_everyone(prefixed)
             # Forming the mesh waits for every member: the rendezvous timeout applies;
             # operations get the (usually shorter) operation timeout afterwards.
             pg = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size,
                                        _td(self._rendezvous.timeout_s))
             pg.set_timeout(_td(self.timeout_s))
-        except CollectiveTimeoutError:
+        except CollectiveError:
+            if self.rank == 0:
+                self._rendezvous.withdraw()
             raise
         except RuntimeError as exc:
             if self.rank == 0:

@@ -107,8 +107,10 @@ class Worker:
     # waits inside a collective for a peer that is already dead.
     @ray.method(concurrency_group=CONTROL_GROUP)
     def abort_collectives(self, generation: int, reason: str) -> bool:
-        """Fail this worker's pending and later collectives of grid ``generation`` at once
-        (a member died: the step cannot complete). Stale generations are ignored."""
+        """Fail this worker's pending and later collectives of grid ``generation`` at once,
+        and its joining of that grid if it is still forming (a member died: the step or
+        the forming cannot complete). Other generations are left alone."""
+        collective.abort_forming(generation, reason)
         comm = self.comm
         if comm is None or comm.generation != generation:
             return False
