@@ -149,7 +149,8 @@ class DataConfig(_Section):
     verify_images: bool = Field(True, description="Open every image once at start (headers "
                                 "only) and skip unreadable ones, counted in skipped_files. "
                                 "Every worker scans its dataset: turn off for trees of millions "
-                                "of files, where a broken file then fails its step instead.")
+                                "of files. Either way an image that fails to decode while "
+                                "training is skipped and named in summary.json.")
     seed: int = Field(0, description="Seed of the per-epoch permutations.")
     min_samples_per_worker: int = Field(2, ge=1, description="Smallest local batch; the epoch's "
                                         "tail is folded into the previous step below this.")
