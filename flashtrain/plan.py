@@ -4,7 +4,7 @@ Given the cluster shape (nodes x GPUs per node, or a worker count), the model's
 parameter count and the global batch (or a job's batch phases), list every grid whose
 rows stay on one node (the rule of :mod:`flashtrain.policy`), predict the gradient
 all-reduce time of the flat ring, the 2D torus and the hierarchical all-reduce with the
-alpha-beta model of :mod:`flashtrain.bench.costmodel`, show how each batch phase splits
+alpha-beta model of :mod:`flashtrain.costmodel`, show how each batch phase splits
 over the workers, and recommend one grid and algorithm.
 
 Recommendation: the candidate with the highest predicted throughput, averaged over the
@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from flashtrain.bench.costmodel import (
+from flashtrain.costmodel import (
     ABCI,
     STEP_COMPUTE_S,
     Cluster,

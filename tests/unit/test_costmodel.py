@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashtrain.bench.costmodel import (
+from flashtrain.costmodel import (
     ABCI,
     Cluster,
     Link,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashtrain.bench.costmodel import ABCI, RESNET50_PARAMS, ring_cost, torus_cost
+from flashtrain.costmodel import ABCI, RESNET50_PARAMS, ring_cost, torus_cost
 from flashtrain.plan import (
     DEFAULT_WORKER_IMAGES_PER_SEC,
     PlanError,
