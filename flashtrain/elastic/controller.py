@@ -11,6 +11,18 @@ The controller carries out decisions; :func:`flashtrain.policy.decide` makes the
   committed state through the object store and the grid re-forms, bigger.
 * **Planned resize**: a schedule phase that names a grid moves the target; the grid
   shrinks at the phase boundary, or grows as the requested workers become ready.
+* **Replacements join in bounded time**: a spare that has had room (a placed bundle)
+  for :data:`JOIN_GRACE_S` while the grid is below target makes the driver wait for it
+  at the next commit boundary, at most :data:`JOIN_WAIT_S`. On CPU workers the
+  survivors' training takes the cores a starting process needs for its imports: on
+  this project's 2-core machine a replacement stayed ``PENDING_CREATION`` (still
+  importing torch) for a whole run beside three trainers; with training paused it is
+  ready in a few seconds. Every re-form records, per newcomer, the seconds from its
+  request, from the moment it had room, and from ready, to joining the grid.
+* **Every worker lost**: nothing in memory is left to continue from; :class:`GridLost`
+  tells the trainer, which loads the newest durable checkpoint into the clock and
+  :meth:`ElasticController.restart` forms a fresh grid from spares (waiting for them
+  at most ``elastic.wait_for_resources_s``) and loads it into every member.
 
 Every re-form is recorded in metrics.jsonl and summary.json.
 """
@@ -27,16 +39,26 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from flashtrain.collective.errors import CollectiveError
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.faults import FaultInjector
-from flashtrain.elastic.membership import Member, SparePool, alive, start_worker
+from flashtrain.elastic.membership import (
+    Member,
+    SparePool,
+    alive,
+    reserve_by_node,
+    start_worker,
+)
 from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
 from flashtrain.train.clock import StepPlan
 from flashtrain.train.metrics import MetricsWriter
-from flashtrain.train.placement import Reservation, reserve
 
 log = logging.getLogger(__name__)
 
 _PING_TIMEOUT_S = 5.0
+# See "Replacements join in bounded time" above. A config field would be the better home
+# (elastic.join_grace_s / join_wait_s); the controller takes both as arguments.
+JOIN_GRACE_S = 5.0
+_PLACEMENT_POLL_S = 0.5  # how often, at most, after_step asks the GCS about starting spares
+JOIN_WAIT_S = 60.0
 _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 
 
@@ -66,6 +88,17 @@ class StepFailed(RuntimeError):
 
 class ElasticAbort(RuntimeError):
     """The run cannot continue (too few workers for too long, too many re-forms)."""
+
+
+class GridLost(ElasticAbort):
+    """Every member of the grid was lost: no in-memory commit survives. The trainer
+    continues from the newest durable checkpoint (see :meth:`ElasticController.restart`);
+    anyone else sees an abort."""
+
+    def __init__(self, failure: StepFailed):
+        self.failure = failure
+        super().__init__(f"{failure}: every worker was lost, nothing in memory to continue "
+                         "from (resume from the newest checkpoint with --resume)")
 
 
 class WorkerError(ElasticAbort):
@@ -99,20 +132,23 @@ class ElasticController:
     """Owns the worker actors and the grid they form."""
 
     def __init__(self, config: FlashtrainConfig, data_cache, metrics: MetricsWriter, say=print,
-                 cluster=None):
+                 cluster=None, join_grace_s: float = JOIN_GRACE_S,
+                 join_wait_s: float = JOIN_WAIT_S):
         self.config = config
         self.data_cache = str(data_cache)
         self.metrics = metrics
         self.say = say
         self.timeout = config.runtime.remote_timeout_s
+        self.join_grace_s = join_grace_s
+        self.join_wait_s = join_wait_s
         self.reforms: list[dict] = []
         self.committed_step = 0
         self.num_classes = 0
         self.spares = SparePool(config, self.data_cache)
         self.faults = FaultInjector(config.faults, cluster, metrics, say,
                                     stall_s=2 * config.collective.timeout_s)
-        self._reservation: Reservation | None = None
         self._pending_recovery: tuple[dict, float] | None = None
+        self._placement_checked = 0.0
 
     # -- forming -------------------------------------------------------------------------
 
@@ -120,22 +156,30 @@ class ElasticController:
         """Reserve the workers of the configured grid, start them and form the groups."""
         grid = self._initial_grid()
         self.target = grid
-        self._reservation = reserve(self.config.grid, grid.num_workers, self.timeout,
-                                    name="flashtrain")
-        nodes = self._reservation.bundle_nodes
+        slots = reserve_by_node(self.config.grid, grid.num_workers, self.timeout,
+                                name="flashtrain")
+        self.spares.reservations += list({id(r.group): r for r, _ in slots}.values())
+        nodes = [reservation.bundle_nodes[bundle] for reservation, bundle in slots]
         layout = layout_grid(nodes, grid)
-        members = [start_worker(self.config.grid, self._reservation, slot, self.config,
-                                self.data_cache) for slot in layout.slot_of_rank]
-        for member in members:
-            member.node = nodes[member.bundle]
+        members = []
+        for slot in layout.slot_of_rank:
+            reservation, bundle = slots[slot]
+            member = start_worker(self.config.grid, reservation, bundle, self.config,
+                                  self.data_cache)
+            member.node = nodes[slot]
+            members.append(member)
+        self.state = GridState(grid, 0, members)
+        if self.config.elastic.warm_spares:
+            # The warm spares start with the grid's workers (their start-ups overlap), so
+            # they are ready from the first step.
+            self._request_replacements()
         self.num_classes = ray.get(members[0].actor.__ray_call__.remote(lambda w: w.num_classes),
                                    timeout=self.timeout)
-        self.state = GridState(grid, 0, members)
         self._form(self.state)
         if self.config.elastic.warm_spares:
-            # Start the warm spares with the grid, so they are ready from the first step.
-            self._request_replacements()
-            ready = self.spares.wait_ready(self.timeout)
+            # Only those with room: a spare that waits for a node must not hold up the start.
+            with_room = self.spares.with_room(_PING_TIMEOUT_S)
+            ready = self.spares.wait_ready(self.timeout, members=with_room) if with_room else []
             self.say(f"{len(ready)} warm spare(s) ready")
         split = f", {layout.split_rows} row(s) span nodes" if layout.split_rows else ""
         self.say(f"grid {grid} formed on {len(set(nodes))} node(s){split}")
@@ -168,7 +212,14 @@ class ElasticController:
         ray.get([m.actor.ping.remote() for m in state.members], timeout=self.timeout)
         refs = [m.actor.join.remote(state.grid, rank, state.generation)
                 for rank, m in enumerate(state.members)]
-        ray.get(refs, timeout=self.timeout)
+        # Fail fast here too: a member that died on the way makes the others give up
+        # their rendezvous at once instead of waiting out its timeout.
+        pids = self._gather(state, "join", refs, step=self.committed_step)
+        # Who is in which grid, for the record and for benchmarks that kill members from
+        # outside (they find each actor's process in Ray's GCS actor table).
+        self.metrics.event("grid", generation=state.generation, grid=str(state.grid),
+                           actors=[m.actor_id for m in state.members],
+                           nodes=[m.node for m in state.members], pids=pids)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -178,13 +229,17 @@ class ElasticController:
         step = ray.get(clock.state.remote(), timeout=self.timeout)["global_step"]
         self.run_on_grid("commit", step, step=step)
         self.committed_step = ray.get(clock.commit.remote(), timeout=self.timeout)["global_step"]
+        self.metrics.event("commit", global_step=self.committed_step)
         self._grow_if_ready(clock)
 
-    def load_state(self, payload: dict) -> None:
+    def load_state(self, payload: dict, actors: list | None = None) -> None:
+        """Load a checkpoint payload's model/optimizer/scaler into ``actors`` (default:
+        every member)."""
         state = {"model": payload["model"], "optimizer": payload["optimizer"],
                  "scaler": payload.get("scaler")}
         ref = ray.put(state)
-        ray.get([a.load_state.remote(ref) for a in self.state.actors], timeout=self.timeout)
+        actors = self.state.actors if actors is None else actors
+        ray.get([a.load_state.remote(ref) for a in actors], timeout=self.timeout)
 
     # -- calls on every member ---------------------------------------------------------
 
@@ -200,6 +255,12 @@ class ElasticController:
         """
         state = self.state
         refs = [getattr(actor, method).remote(*args) for actor in state.actors]
+        return self._gather(state, method, refs, step=step, plan=plan)
+
+    def _gather(self, state: GridState, method: str, refs: list, *, step: int | None,
+                plan=None) -> list:
+        """The results of ``refs`` (one call of ``method`` per member of ``state``, in rank
+        order), failing fast as :meth:`run_on_grid` describes."""
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
         deadline = time.monotonic() + self.timeout
@@ -237,7 +298,12 @@ class ElasticController:
         self.faults.before_step(plan.global_step, self.state.members)
 
     def after_step(self, plan: StepPlan) -> None:
-        """Close the recovery clock of the last re-form at the first completed step."""
+        """Close the recovery clock of the last re-form at the first completed step; note
+        which starting spares have room by now (the start of their join clock)."""
+        if any(m.placed_at is None for m in self.spares.starting) and \
+                time.monotonic() - self._placement_checked > _PLACEMENT_POLL_S:
+            self._placement_checked = time.monotonic()
+            self.spares.note_placement()
         if self._pending_recovery is None:
             return
         record, began = self._pending_recovery
@@ -265,16 +331,15 @@ class ElasticController:
         answers = alive(old.members, _PING_TIMEOUT_S)
         survivors = [m for m, ok in zip(old.members, answers, strict=True) if ok]
         for member, ok in zip(old.members, answers, strict=True):
-            slot = (member.reservation, member.bundle)
-            if not ok and slot not in self.spares.free_bundles:  # once, even on a retry
+            if not ok:
                 ray.kill(member.actor, no_restart=True)
-                self.spares.free_bundles.append(slot)
+                self.spares.give_back(member)  # once, even on a retry
         where = f"step {failure.step}" if failure.plan else f"the commit at step {failure.step}"
         self.say(f"{where} failed ({type(failure.cause).__name__}); "
                  f"{len(survivors)} of {len(old.members)} workers answer")
         if not survivors:
-            raise ElasticAbort("every worker was lost: nothing in memory to continue from "
-                               "(resume from the newest checkpoint with --resume)")
+            self.state = GridState(old.grid, old.generation, [])
+            raise GridLost(failure)
         ray.get([m.actor.leave.remote() for m in survivors], timeout=self.timeout)
         resume_step = ray.get(clock.rollback.remote(), timeout=self.timeout)["global_step"]
         self.state = GridState(old.grid, old.generation, survivors)
@@ -288,8 +353,32 @@ class ElasticController:
                         failed_step=failure.step,
                         resume_step=resume_step, cause=type(failure.cause).__name__)
 
+    def restart(self, payload: dict, failure: StepFailed, source: str) -> None:
+        """Every member was lost (:class:`GridLost`): form a fresh grid from spares,
+        waiting for them at most ``elastic.wait_for_resources_s``, and load ``payload``
+        (the newest durable checkpoint, whose clock the caller has already restored)."""
+        began = time.monotonic()
+        old = self.state
+        self.state = GridState(old.grid, old.generation, [])
+        self._request_replacements()
+        decision = self._decide_with_wait(lost=True)
+        grid, members, _ = self._choose(decision.grid, [])
+        step = payload["clock"]["global_step"]
+        # Members first, so a failure from here on is an ordinary loss of these members.
+        self.state = GridState(old.grid, old.generation, members)
+        self.load_state(payload, [m.actor for m in members])
+        ray.get([m.actor.commit.remote(step) for m in members], timeout=self.timeout)
+        self.committed_step = step
+        self._reform_to(grid, members, old.grid,
+                        f"every worker was lost: restarted from the durable checkpoint "
+                        f"{source} (step {step}) on {decision.reason}", began,
+                        failed_step=failure.step, resume_step=step, cause="restart")
+
     def _grow_if_ready(self, clock) -> None:
-        """At a commit boundary: re-form bigger when spares are ready."""
+        """At a commit boundary: re-form bigger when spares are ready (below target,
+        first wait, bounded, for replacements that are overdue)."""
+        if self.state.grid.num_workers < self.target.num_workers:
+            self._wait_for_overdue_spares()
         ready = self.spares.poll()
         if not ready or self.state.grid.num_workers >= self.target.num_workers:
             return
@@ -305,6 +394,26 @@ class ElasticController:
         self._reform_to(grid, members, old.grid, decision.reason, began,
                         failed_step=self.committed_step, resume_step=self.committed_step,
                         cause="grow")
+
+    def _wait_for_overdue_spares(self) -> None:
+        """Pause here (a commit boundary) for replacements that have had room for
+        ``join_grace_s`` without getting ready, at most ``join_wait_s``, once each: with
+        training paused, the cores are theirs."""
+        self.spares.note_placement()
+        missing = self.target.num_workers - self.state.grid.num_workers - len(self.spares.poll())
+        overdue = self.spares.overdue(self.join_grace_s, time.time())[:max(missing, 0)]
+        if not overdue:
+            return
+        began = time.monotonic()
+        for member in overdue:
+            member.waited_for = True
+        self.say(f"grid {self.state.grid} is below target {self.target}: waiting up to "
+                 f"{self.join_wait_s:g}s for {len(overdue)} replacement(s) it has been short "
+                 f"of, with room, for {self.join_grace_s:g}s or more")
+        ready = self.spares.wait_ready(self.join_wait_s, members=overdue)
+        self.metrics.event("join_wait", seconds=round(time.monotonic() - began, 3),
+                           replacements=len(overdue),
+                           ready=sum(any(m is r for r in ready) for m in overdue))
 
     def _retarget(self, target: Grid, epoch: int, clock) -> None:
         """A schedule phase names a new grid: shrink now, or start workers to grow."""
@@ -339,6 +448,11 @@ class ElasticController:
         missing = wanted - len(self.state.members) - self.spares.count
         if missing > 0:
             self.spares.request(missing)
+        self._mark_needed()
+
+    def _mark_needed(self) -> None:
+        self.spares.mark_needed(self.state.grid.num_workers < self.target.num_workers,
+                                time.time())
 
     def _decide(self, candidates: list[Member], lost: bool, waited_s: float = 0.0):
         per_node: dict[str, int] = {}
@@ -386,10 +500,18 @@ class ElasticController:
                    began: float, *, failed_step: int, resume_step: int, cause: str) -> None:
         self.state = GridState(grid, self.state.generation + 1, members)
         self._form(self.state)
+        joined_at = time.time()
+        newcomers = []
+        for member in members:
+            if member.joined_at is None and member.requested_at is not None:
+                member.joined_at = joined_at
+                newcomers.append(member.join_record(joined_at, self.metrics.start_time))
+        self._mark_needed()
         record = {"time": self.metrics.elapsed(), "reason": reason, "cause": cause,
                   "old_grid": str(old_grid), "new_grid": str(grid), "failed_step": failed_step,
                   "resume_step": resume_step, "steps_rolled_back": failed_step - resume_step,
-                  "generation": self.state.generation, "recovery_seconds": None}
+                  "generation": self.state.generation, "recovery_seconds": None,
+                  "newcomers": newcomers}
         self.reforms.append(record)
         self._pending_recovery = (record, began)
 
@@ -397,5 +519,3 @@ class ElasticController:
         for member in getattr(self, "state", GridState(Grid(1, 1), 0)).members:
             ray.kill(member.actor, no_restart=True)
         self.spares.shutdown()
-        if self._reservation is not None:
-            self._reservation.release()

@@ -4,17 +4,42 @@ A :class:`Member` is a worker actor with the node it runs on and the placement-g
 bundle it holds. A :class:`SparePool` starts replacement or additional workers in the
 background; a spare is *ready* once its constructor has finished (model built, data
 indexed), so joining it at a commit boundary costs no process start on the critical path.
+
+Each spare carries the moments of its way into the grid (wall-clock seconds, so the
+worker's own "constructor done" reading compares with the driver's): *requested* (the
+controller asked for it), *placed* (its bundle had a node: from then on only its start
+stands between it and the grid), *ready* (constructor done) and *joined* (first grid
+formed with it). The re-form records report them (see
+:meth:`flashtrain.elastic.controller.ElasticController`).
+
+Every placement group here lives on one node (:func:`reserve_by_node`; spares hold
+one-bundle groups), so a node that leaves takes whole groups with it, and those are
+removed at once (:meth:`SparePool.give_back`): Ray 2.60's GCS retries a group that lost
+a bundle with its node with no backoff while there is no room for it, which kept a
+core of this 2-core machine busy (measured: 1.0 core, ``gcs_server``) and starved the
+very replacements that would have filled the grid again (ray-project/ray#65007).
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group
 
 from flashtrain.config import GridConfig
-from flashtrain.train.placement import Reservation, in_bundle, reserve_async
+from flashtrain.train.placement import (
+    PlacementTimeoutError,
+    Reservation,
+    bundle_node_ids,
+    bundle_resources,
+    in_bundle,
+    reserve,
+    reserve_async,
+)
 from flashtrain.train.worker import CONTROL_GROUP, Worker
 
 WorkerActor = ray.remote(max_restarts=0, max_task_retries=0,
@@ -22,14 +47,51 @@ WorkerActor = ray.remote(max_restarts=0, max_task_retries=0,
 _DEAD = (RayActorError, RayTaskError, GetTimeoutError)
 
 
-@dataclass
+@dataclass(eq=False)
 class Member:
-    """A worker actor, where it runs and which bundle it holds."""
+    """A worker actor, where it runs and which bundle it holds (identity equality: two
+    members are the same only if they are the same object)."""
 
     actor: object
     node: str | None
     reservation: Reservation
     bundle: int
+    # The way of a spare into the grid (time.time() readings; None for the first grid's
+    # workers). "needed": the grid has been below its target since then.
+    requested_at: float | None = None
+    placed_at: float | None = None
+    ready_at: float | None = None
+    needed_at: float | None = None
+    joined_at: float | None = None
+    waited_for: bool = False  # the controller already paused once for this one
+
+    @property
+    def actor_id(self) -> str:
+        return self.actor._actor_id.hex()
+
+    def short_since(self) -> float | None:
+        """Since when the grid has been short of this spare while it had room (None if
+        it has no room yet or the grid is at its target)."""
+        if self.needed_at is None or self.placed_at is None:
+            return None
+        return max(self.needed_at, self.placed_at)
+
+    def join_record(self, joined_at: float, run_started: float) -> dict:
+        """How this newcomer got into the grid, in seconds: ``wait_for_room_s`` (request
+        to a placed bundle), ``start_s`` (placed to constructor done), ``short_s`` (how
+        long the grid was below target while this spare had room: the figure the
+        controller bounds) and ``request_to_join_s``."""
+        requested = self.requested_at if self.requested_at is not None else joined_at
+        ready = self.ready_at if self.ready_at is not None else joined_at
+        # Seen placed only at a poll after it was ready (or never polled): room by then.
+        placed = max(min(self.placed_at if self.placed_at is not None else ready, ready),
+                     requested)
+        short = max(self.needed_at, placed) if self.needed_at is not None else joined_at
+        return {"actor_id": self.actor_id, "requested_time": round(requested - run_started, 3),
+                "wait_for_room_s": round(placed - requested, 3),
+                "start_s": round(max(ready - placed, 0.0), 3),
+                "short_s": round(max(joined_at - short, 0.0), 3),
+                "request_to_join_s": round(joined_at - requested, 3)}
 
 
 def start_worker(grid_cfg: GridConfig, reservation: Reservation, bundle: int, config,
@@ -40,6 +102,37 @@ def start_worker(grid_cfg: GridConfig, reservation: Reservation, bundle: int, co
         scheduling_strategy=in_bundle(reservation.group, bundle),
     ).remote(config, data_cache)
     return Member(actor, None, reservation, bundle)
+
+
+def reserve_by_node(grid_cfg: GridConfig, num_workers: int, timeout_s: float,
+                    name: str) -> list[tuple[Reservation, int]]:
+    """``num_workers`` bundles packed as Ray would pack one group (rows want a node), but
+    held as one STRICT_PACK group per node: ``[(reservation, bundle index)]``, in the
+    order of the packed group's bundles. Raises like
+    :func:`flashtrain.train.placement.reserve`."""
+    packed = reserve(grid_cfg, num_workers, timeout_s, name=name)
+    per_node = Counter(packed.bundle_nodes)
+    packed.release()  # its resources go straight to the per-node groups below
+    groups = {node: placement_group([bundle_resources(grid_cfg)] * count, strategy="STRICT_PACK",
+                                    name=f"{name}-{index}", _soft_target_node_id=node)
+              for index, (node, count) in enumerate(per_node.items())}
+    ready, _ = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups),
+                        timeout=timeout_s)
+    if len(ready) < len(groups):
+        for group in groups.values():
+            ray.util.remove_placement_group(group)
+        raise PlacementTimeoutError(f"the {num_workers} workers' per-node placement groups were "
+                                    f"not placed within {timeout_s:.0f}s")
+    slots = []
+    for node, group in groups.items():
+        reservation = Reservation(group, bundle_node_ids(group, per_node[node]))
+        slots += [(reservation, bundle) for bundle in range(per_node[node])]
+    return slots
+
+
+def _bundle_placed(reservation: Reservation, bundle: int) -> bool:
+    table = ray.util.placement_group_table(reservation.group)
+    return bool(table.get("bundles_to_node_id", {}).get(bundle))
 
 
 def alive(members: list[Member], timeout_s: float) -> list[bool]:
@@ -59,6 +152,11 @@ def alive(members: list[Member], timeout_s: float) -> list[bool]:
     return answers
 
 
+def _ready_info(worker: Worker) -> tuple[str, float]:
+    """Runs in a spare once its constructor is done: its node and the moment (its clock)."""
+    return worker.node_id(), time.time()
+
+
 class SparePool:
     """Workers started in the background, to join the grid when they are ready.
 
@@ -73,11 +171,18 @@ class SparePool:
         self._starting: list[tuple[Member, object]] = []  # (member, ready ref)
         self.ready: list[Member] = []
         self.free_bundles: list[tuple[Reservation, int]] = []
-        self.reservations: list[Reservation] = []
+        self.reservations: list[Reservation] = []  # every group of the run, released at the end
+        self._released: set[int] = set()  # id() of the groups removed already
+        self._given_back: set[int] = set()  # id() of the dead members handled already
 
     @property
     def count(self) -> int:
         return len(self._starting) + len(self.ready)
+
+    @property
+    def starting(self) -> list[Member]:
+        """Spares whose constructor has not finished (or not been seen to finish)."""
+        return [member for member, _ in self._starting]
 
     def request(self, num_workers: int) -> None:
         """Start ``num_workers`` more workers in the background."""
@@ -85,12 +190,37 @@ class SparePool:
             if self.free_bundles:
                 reservation, bundle = self.free_bundles.pop(0)
             else:
-                reservation = reserve_async(self._config.grid, 1, name="flashtrain-spare")
+                # Group names are unique in a namespace: number them.
+                reservation = reserve_async(self._config.grid, 1,
+                                            name=f"flashtrain-spare-{len(self.reservations)}")
                 self.reservations.append(reservation)
                 bundle = 0
             member = start_worker(self._config.grid, reservation, bundle, self._config,
                                   self._data_cache)
-            self._starting.append((member, member.actor.node_id.remote()))
+            member.requested_at = time.time()
+            self._starting.append((member, member.actor.__ray_call__.remote(_ready_info)))
+
+    def note_placement(self) -> None:
+        """Record when each starting spare is first seen with a process (its pid in Ray's
+        GCS actor table: Ray found it room and its constructor runs; a spare that waits
+        for room has none). One GCS query per spare not seen placed yet."""
+        from ray._private import state  # the actor table; no dashboard needed
+
+        now = time.time()
+        for member in self.starting:
+            if member.placed_at is None and (state.actors(actor_id=member.actor_id) or {}).get("Pid"):
+                member.placed_at = now
+
+    def with_room(self, timeout_s: float) -> list[Member]:
+        """The starting spares whose placement group has room, waiting for their groups
+        at most ``timeout_s`` (a new group is placed within moments when there is room)."""
+        deadline = time.monotonic() + timeout_s
+        ready = {}
+        for member in self.starting:
+            group = member.reservation.group
+            if id(group) not in ready:
+                ready[id(group)] = group.wait(timeout_seconds=max(deadline - time.monotonic(), 0))
+        return [m for m in self.starting if ready[id(m.reservation.group)]]
 
     def poll(self) -> list[Member]:
         """Move spares whose start has finished into :attr:`ready`; returns them all."""
@@ -103,18 +233,53 @@ class SparePool:
                     still.append((member, ref))
                     continue
                 try:
-                    member.node = ray.get(ref, timeout=0)
+                    member.node, member.ready_at = ray.get(ref, timeout=0)
                     self.ready.append(member)
                 except _DEAD:
-                    self.free_bundles.append((member.reservation, member.bundle))
+                    self.give_back(member)
             self._starting = still
         return self.ready
 
-    def wait_ready(self, timeout_s: float) -> list[Member]:
-        """Block until every starting spare is ready (or ``timeout_s`` passes)."""
-        ray.wait([ref for _, ref in self._starting], num_returns=len(self._starting),
-                 timeout=timeout_s)
+    def overdue(self, grace_s: float, now: float) -> list[Member]:
+        """Starting spares the grid has been short of, with room, for ``grace_s`` or more,
+        that nobody has paused for yet."""
+        return [m for m in self.starting if not m.waited_for
+                and (since := m.short_since()) is not None and now - since >= grace_s]
+
+    def mark_needed(self, short: bool, now: float) -> None:
+        """The grid is below its target (``short``) or back at it: start or clear the
+        "needed" clock of every spare not yet in a grid."""
+        for member in self.starting + self.ready:
+            if member.joined_at is not None:
+                continue
+            if not short:
+                member.needed_at = None
+            elif member.needed_at is None:
+                member.needed_at = now
+
+    def wait_ready(self, timeout_s: float, members: list[Member] | None = None) -> list[Member]:
+        """Block until every starting spare (or each of ``members``) is ready, or
+        ``timeout_s`` passes; returns the ready ones."""
+        wanted = {id(m) for m in members} if members is not None else None
+        refs = [ref for member, ref in self._starting if wanted is None or id(member) in wanted]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         return self.poll()
+
+    def give_back(self, member: Member) -> None:
+        """A dead member's bundle (once per member): kept for the next replacement while
+        Ray still has it on a live node; otherwise its node is gone, with every bundle of
+        its group, and the group is removed (see the module docstring)."""
+        if id(member) in self._given_back or id(member.reservation.group) in self._released:
+            return
+        self._given_back.add(id(member))
+        if _bundle_placed(member.reservation, member.bundle):
+            self.free_bundles.append((member.reservation, member.bundle))
+            return
+        group = member.reservation.group
+        self._released.add(id(group))
+        self.free_bundles = [(r, b) for r, b in self.free_bundles if r.group is not group]
+        member.reservation.release()
 
     def take(self, members: list[Member]) -> None:
         """Remove ``members`` from the ready list (they joined the grid)."""
@@ -128,4 +293,6 @@ class SparePool:
             ray.kill(member.actor, no_restart=True)
         self._starting, self.ready = [], []
         for reservation in self.reservations:
-            reservation.release()
+            if id(reservation.group) not in self._released:
+                self._released.add(id(reservation.group))
+                reservation.release()

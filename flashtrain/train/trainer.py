@@ -18,7 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flashtrain.config import FlashtrainConfig
-from flashtrain.elastic.controller import ElasticAbort, ElasticController, StepFailed
+from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridLost, StepFailed
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
 from flashtrain.train.checkpoint import (
@@ -135,33 +135,58 @@ class Trainer:
         min_tail = self.config.data.min_samples_per_worker * max_grid_workers(
             self.config, state.grid.num_workers)
         clock_state, payload = self._initial_state(num_samples, min_tail)
-        # The clock lives on the driver's node: it must outlive any worker node (a
-        # zero-CPU actor could otherwise land on a node that later leaves).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.clock = ScheduleActor.options(scheduling_strategy=here).remote(
-            self.config.schedule, clock_state)
+        self._start_clock(clock_state)
         if payload is not None:
             self.controller.load_state(payload)
         self.controller.commit(self.clock)
+        if payload is None:
+            # A durable starting point from the first step on: if every worker is lost
+            # before the first periodic checkpoint, the run restarts from here.
+            self._checkpoint()
         self.metrics.event("start", grid=str(state.grid), dataset_train_size=num_samples,
                            skipped_files=datasets.skipped_files, resumed=payload is not None,
                            global_step=clock_state["global_step"])
         progress = Progress(self._total_steps(num_samples, min_tail), clock_state["global_step"],
                             enabled=self.config.runtime.progress)
         try:
-            self._loop(progress)
+            final = self._train_to_the_end(progress)
         except ElasticAbort:
             self._checkpoint_last_commit()
             raise
         finally:
             progress.close()
-        final = self._validate(final=True)
-        self._checkpoint()
         summary = self._summary(datasets, num_samples, time.perf_counter() - started, final)
         write_summary(self.run_dir, summary)
         write_plots(self.run_dir)
         self.metrics.close()
         return summary
+
+    def _start_clock(self, clock_state: dict) -> None:
+        """(Re)start the schedule actor at ``clock_state`` (its committed position too)."""
+        old = getattr(self, "clock", None)
+        if old is not None:
+            ray.kill(old, no_restart=True)
+        # The clock lives on the driver's node: it must outlive any worker node (a
+        # zero-CPU actor could otherwise land on a node that later leaves).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.clock = ScheduleActor.options(scheduling_strategy=here).remote(
+            self.config.schedule, clock_state)
+
+    def _train_to_the_end(self, progress: Progress) -> dict:
+        """The step loop, then the final validation and checkpoint. A member lost in those
+        re-forms the grid like a failed step and goes back to the loop (the rollback may
+        have left steps to redo)."""
+        while True:
+            self._loop(progress)
+            try:
+                self.activity = "validate"
+                final = self._validate(final=True)
+                self.activity = "checkpoint"
+                self._checkpoint()
+                return final
+            except _MEMBER_FAILURES as err:
+                position = ray.get(self.clock.state.remote(), timeout=self.timeout)["global_step"]
+                self._recover(_as_failure(err, step=position))
 
     def close(self) -> None:
         controller = getattr(self, "controller", None)
@@ -181,18 +206,20 @@ class Trainer:
                 self.say(f"stopping before step {plan.global_step}, as asked")
                 break
             step_done = plan.global_step + 1
+            position = plan.global_step  # the clock's, for a failure that names no step
             try:
                 self.activity = "step"
                 self.controller.before_step(plan, self.clock)
                 results, seconds = self._step(plan)
                 ray.get(self.clock.advance.remote(plan), timeout=self.timeout)
+                position = step_done
                 self.controller.after_step(plan)
                 self._record_step(plan, results, seconds, progress)
                 if step_done % cfg.elastic.commit_every_steps == 0 or plan.end_of_epoch:
                     self.activity = "commit"
                     self.controller.commit(self.clock)
             except _MEMBER_FAILURES as err:
-                self._recover(_as_failure(err, step=plan.global_step))
+                self._recover(_as_failure(err, step=position))
                 continue
             try:
                 if plan.end_of_epoch:
@@ -207,17 +234,41 @@ class Trainer:
                 self._recover(_as_failure(err, step=step_done))
 
     def _recover(self, failure: StepFailed, attempts: int = 3) -> None:
-        """Re-form after ``failure``; a member lost while re-forming starts another round."""
+        """Re-form after ``failure``; a member lost while re-forming starts another round.
+        When every worker is lost, the grid restarts from the newest durable checkpoint."""
         self.activity = "reform"
         for attempt in range(attempts):
             try:
-                self.controller.recover(failure, self.clock)
+                try:
+                    self.controller.recover(failure, self.clock)
+                except GridLost:
+                    self._restart_from_checkpoint(failure)
                 return
+            except StepFailed as err:  # a member lost while forming the new grid
+                self.say(f"re-forming failed ({type(err.cause).__name__}), attempt "
+                         f"{attempt + 1} of {attempts}")
+                failure = StepFailed(None, err.cause, err.pending, step=failure.step)
             except (RayActorError, RayTaskError, GetTimeoutError) as err:
                 self.say(f"re-forming failed ({type(err).__name__}), attempt {attempt + 1} "
                          f"of {attempts}")
                 failure = StepFailed(None, err, step=failure.step)
         raise ElasticAbort(f"could not re-form the grid in {attempts} attempts") from failure.cause
+
+    def _restart_from_checkpoint(self, failure: StepFailed) -> None:
+        """Every worker was lost: the clock and a fresh grid continue from the newest
+        durable checkpoint (waiting, bounded, for workers to start)."""
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            raise ElasticAbort(f"{failure}: every worker was lost and {self.checkpoint_dir} "
+                               "holds no valid checkpoint to restart from") from failure.cause
+        payload = load_checkpoint(path)
+        clock = payload["clock"]
+        self.say(f"every worker was lost ({failure}); restarting the grid from {path.name} "
+                 f"(global step {clock['global_step']})")
+        self._start_clock(clock)
+        self.controller.restart(payload, failure, source=path.name)
+        self.metrics.event("restart", checkpoint=str(path), global_step=clock["global_step"],
+                           failed_step=failure.step)
 
     def _step(self, plan: StepPlan) -> tuple[list, float]:
         begun = time.perf_counter()
