@@ -72,6 +72,17 @@ def test_presets_in_jobs_are_valid():
         load_config(preset)
 
 
+def test_default_preset_spells_out_every_field_of_the_embedded_default():
+    """jobs/default.yaml is the documentation of every field: it must name each one,
+    with the embedded default's value (a new field added to config.py without it fails)."""
+    from pathlib import Path
+
+    import yaml
+
+    preset = Path(__file__).resolve().parents[2] / "jobs" / "default.yaml"
+    assert yaml.safe_load(preset.read_text()) == yaml.safe_load(dump_config(FlashtrainConfig()))
+
+
 def test_cli_bad_config_exits_nonzero_with_one_message(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "flashtrain.jobs.imagenet", "--set", "grid.shape=banana",
