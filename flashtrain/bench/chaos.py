@@ -105,7 +105,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="draws the faults and their moments")
     parser.add_argument("--faults", type=int, default=12, help="how many faults (at least 6)")
-    parser.add_argument("--model", default="squeezenet1_1",
+    parser.add_argument("--model", default="shufflenet_v2_x0_5",
                         help="torchvision model name, or tiny_cnn")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=32)

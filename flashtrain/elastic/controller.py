@@ -40,6 +40,7 @@ from flashtrain.collective.errors import CollectiveError
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.faults import FaultInjector
 from flashtrain.elastic.membership import (
+    PLACEMENT_POLL_S,
     Member,
     SparePool,
     alive,
@@ -57,7 +58,6 @@ _PING_TIMEOUT_S = 5.0
 # See "Replacements join in bounded time" above. A config field would be the better home
 # (elastic.join_grace_s / join_wait_s); the controller takes both as arguments.
 JOIN_GRACE_S = 5.0
-_PLACEMENT_POLL_S = 0.5  # how often, at most, after_step asks the GCS about starting spares
 JOIN_WAIT_S = 60.0
 _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 
@@ -300,10 +300,7 @@ class ElasticController:
     def after_step(self, plan: StepPlan) -> None:
         """Close the recovery clock of the last re-form at the first completed step; note
         which starting spares have room by now (the start of their join clock)."""
-        if any(m.placed_at is None for m in self.spares.starting) and \
-                time.monotonic() - self._placement_checked > _PLACEMENT_POLL_S:
-            self._placement_checked = time.monotonic()
-            self.spares.note_placement()
+        self._note_placement()
         if self._pending_recovery is None:
             return
         record, began = self._pending_recovery
@@ -450,6 +447,13 @@ class ElasticController:
             self.spares.request(missing)
         self._mark_needed()
 
+    def _note_placement(self) -> None:
+        """Look starting spares up in the GCS, at most every PLACEMENT_POLL_S."""
+        if any(m.placed_at is None for m in self.spares.starting) and \
+                time.monotonic() - self._placement_checked > PLACEMENT_POLL_S:
+            self._placement_checked = time.monotonic()
+            self.spares.note_placement()
+
     def _mark_needed(self) -> None:
         self.spares.mark_needed(self.state.grid.num_workers < self.target.num_workers,
                                 time.time())
@@ -474,6 +478,7 @@ class ElasticController:
                 raise ElasticAbort(decision.reason)
             if not isinstance(decision, Wait):
                 return decision
+            self._note_placement()
             time.sleep(0.2)  # polling the spares' start-up, bounded by the Abort above
 
     def _choose(self, grid: Grid, current: list[Member]) -> tuple[Grid, list[Member], list[Member]]:

@@ -45,6 +45,7 @@ from flashtrain.train.worker import CONTROL_GROUP, Worker
 WorkerActor = ray.remote(max_restarts=0, max_task_retries=0,
                          concurrency_groups={CONTROL_GROUP: 1})(Worker)
 _DEAD = (RayActorError, RayTaskError, GetTimeoutError)
+PLACEMENT_POLL_S = 0.5  # how often, at most, starting spares are looked up in the GCS
 
 
 @dataclass(eq=False)
@@ -106,10 +107,10 @@ def start_worker(grid_cfg: GridConfig, reservation: Reservation, bundle: int, co
 
 def reserve_by_node(grid_cfg: GridConfig, num_workers: int, timeout_s: float,
                     name: str) -> list[tuple[Reservation, int]]:
-    """``num_workers`` bundles packed as Ray would pack one group (rows want a node), but
-    held as one STRICT_PACK group per node: ``[(reservation, bundle index)]``, in the
-    order of the packed group's bundles. Raises like
-    :func:`flashtrain.train.placement.reserve`."""
+    """``num_workers`` bundles packed as Ray packs one group (rows want a node), but held
+    as one STRICT_PACK group per node (placed there through Ray's experimental
+    ``_soft_target_node_id`` hint): ``[(reservation, bundle index)]``, grouped by node.
+    Raises like :func:`flashtrain.train.placement.reserve`."""
     packed = reserve(grid_cfg, num_workers, timeout_s, name=name)
     per_node = Counter(packed.bundle_nodes)
     packed.release()  # its resources go straight to the per-node groups below
@@ -150,6 +151,16 @@ def alive(members: list[Member], timeout_s: float) -> list[bool]:
         except _DEAD:
             answers.append(False)
     return answers
+
+
+def _actor_pid(actor_id: str) -> int:
+    """The actor's process id in Ray's GCS actor table (0 while it has no process)."""
+    from ray._private import state  # the actor table; no dashboard needed
+
+    try:
+        return int((state.actors(actor_id=actor_id) or {}).get("Pid") or 0)
+    except Exception:  # noqa: BLE001 - not registered yet, or the GCS is busy: ask again later
+        return 0
 
 
 def _ready_info(worker: Worker) -> tuple[str, float]:
@@ -204,11 +215,9 @@ class SparePool:
         """Record when each starting spare is first seen with a process (its pid in Ray's
         GCS actor table: Ray found it room and its constructor runs; a spare that waits
         for room has none). One GCS query per spare not seen placed yet."""
-        from ray._private import state  # the actor table; no dashboard needed
-
         now = time.time()
         for member in self.starting:
-            if member.placed_at is None and (state.actors(actor_id=member.actor_id) or {}).get("Pid"):
+            if member.placed_at is None and _actor_pid(member.actor_id):
                 member.placed_at = now
 
     def with_room(self, timeout_s: float) -> list[Member]:
@@ -259,12 +268,19 @@ class SparePool:
 
     def wait_ready(self, timeout_s: float, members: list[Member] | None = None) -> list[Member]:
         """Block until every starting spare (or each of ``members``) is ready, or
-        ``timeout_s`` passes; returns the ready ones."""
+        ``timeout_s`` passes; returns the ready ones. Notes placements meanwhile."""
         wanted = {id(m) for m in members} if members is not None else None
-        refs = [ref for member, ref in self._starting if wanted is None or id(member) in wanted]
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        return self.poll()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.note_placement()
+            refs = [ref for member, ref in self._starting
+                    if wanted is None or id(member) in wanted]
+            left = deadline - time.monotonic()
+            if not refs or left <= 0:
+                return self.poll()
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=min(left, PLACEMENT_POLL_S))
+            if len(done) == len(refs):
+                return self.poll()
 
     def give_back(self, member: Member) -> None:
         """A dead member's bundle (once per member): kept for the next replacement while
