@@ -147,8 +147,8 @@ def init_ray(args: argparse.Namespace, dashboard: bool) -> None:
 def run_flashtrain(args: argparse.Namespace, config, workdir: Path) -> dict:
     import ray
 
+    from flashtrain.driver.trainer import Trainer
     from flashtrain.train.metrics import read_metrics
-    from flashtrain.train.trainer import Trainer
 
     run_dir = workdir / "flashtrain"
     run_dir.mkdir(parents=True)
@@ -268,7 +268,7 @@ def main_external(args: argparse.Namespace) -> int:
     """The ``--external-kills`` mode (:mod:`flashtrain.bench.external_kills`)."""
     from flashtrain.bench import external_kills as ext
     from flashtrain.config import load_config
-    from flashtrain.train.trainer import max_grid_workers
+    from flashtrain.driver.trainer import max_grid_workers
 
     config = load_config(None, ext.external_overrides(args))
     min_tail = config.data.min_samples_per_worker * max_grid_workers(config, args.workers)
@@ -300,7 +300,7 @@ def _default_data_cache(args: argparse.Namespace) -> None:
 def main_single(args: argparse.Namespace) -> int:
     """One death injected inside the all-reduce of ``--kill-at-step``."""
     from flashtrain.config import load_config
-    from flashtrain.train.trainer import max_grid_workers
+    from flashtrain.driver.trainer import max_grid_workers
 
     config = load_config(None, overrides(args))
     # Ray Train folds the epoch tail exactly as flashtrain does (same steps, same batches).

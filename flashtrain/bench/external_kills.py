@@ -60,8 +60,8 @@ def run_flashtrain(args: argparse.Namespace, config, workdir: Path) -> dict:
     import ray
 
     from flashtrain.bench.elastic import init_ray
+    from flashtrain.driver.trainer import Trainer
     from flashtrain.train.metrics import read_metrics
-    from flashtrain.train.trainer import Trainer
 
     run_dir = workdir / "flashtrain"
     run_dir.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """``python -m flashtrain.bench throughput``: training throughput through the real Trainer.
 
-For each algorithm, one short synthetic-data run of :class:`flashtrain.train.trainer.Trainer`
+For each algorithm, one short synthetic-data run of :class:`flashtrain.driver.trainer.Trainer`
 on a fresh set of worker actors (local Ray, gloo, CPU workers). The step records of
 ``metrics.jsonl`` give the step time (driver wall clock), the sync time (the slowest
 worker's gradient all-reduce; compute is the rest: data, forward, backward, optimizer
@@ -91,7 +91,7 @@ def summarize_steps(records: list[dict], warmup: int) -> dict:
 def run_algorithm(args: argparse.Namespace, algorithm: str, workdir: Path) -> dict:
     """One Trainer run with ``algorithm``; its step records summarized."""
     from flashtrain.config import load_config
-    from flashtrain.train.trainer import Trainer
+    from flashtrain.driver.trainer import Trainer
 
     config = load_config(None, overrides(args, algorithm))
     run_dir = workdir / algorithm

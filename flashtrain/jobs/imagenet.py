@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config: FlashtrainConfig, args: argparse.Namespace, run_dir: Path, cluster,
           fresh: bool) -> int:
-    from flashtrain.train.trainer import Trainer
+    from flashtrain.driver.trainer import Trainer
 
     data_cache = Path(args.data_cache or os.path.expanduser("~/.cache/flashtrain/digits"))
     print(f"flashtrain: run directory {run_dir}", flush=True)

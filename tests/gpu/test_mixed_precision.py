@@ -12,7 +12,7 @@ import ray
 import torch
 
 from flashtrain.config import load_config
-from flashtrain.train.trainer import Trainer
+from flashtrain.driver.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flashtrain.train.trainer import RunTotals
+from flashtrain.driver.trainer import RunTotals
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 15, 4

@@ -14,9 +14,9 @@ import ray
 from ray.cluster_utils import Cluster
 
 from flashtrain.config import load_config
+from flashtrain.driver.trainer import Trainer
 from flashtrain.elastic.controller import ElasticAbort
 from flashtrain.train.checkpoint import latest_checkpoint, load_checkpoint
-from flashtrain.train.trainer import Trainer
 
 # Two worker nodes of two workers each: a 2x2 grid whose rows sit one per node.
 BASE = [

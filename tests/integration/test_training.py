@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from flashtrain.config import load_config
+from flashtrain.driver.trainer import Trainer
 from flashtrain.schedule import split_batch
 from flashtrain.sharding import shard_indices
 from flashtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 from flashtrain.train.clock import TrainingClock
 from flashtrain.train.data import build_datasets
 from flashtrain.train.models import build_model, parameter_groups
-from flashtrain.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 

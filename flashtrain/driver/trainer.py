@@ -18,6 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flashtrain.config import FlashtrainConfig
+from flashtrain.driver.progress import Progress
 from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridLost, StepFailed
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
@@ -31,7 +32,6 @@ from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock
 from flashtrain.train.data import build_datasets
 from flashtrain.train.metrics import MetricsWriter, read_metrics, write_summary
 from flashtrain.train.plots import write_plots
-from flashtrain.train.progress import Progress
 
 log = logging.getLogger(__name__)
 

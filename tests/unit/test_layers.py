@@ -1,0 +1,52 @@
+"""Layers point one way: the pure core at the bottom; collectives, training and elasticity
+above it; the driver loop, the CLIs and the benchmarks on top. No product module imports
+a benchmark, and no two packages of flashtrain import each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "flashtrain"
+# Each package's allowed flashtrain packages (the core modules at the top level are
+# allowed everywhere). Growing this map is a design decision, not a test fix.
+ALLOWED = {
+    "collective": set(),
+    "train": {"collective"},
+    "elastic": {"collective", "train"},
+    "driver": {"elastic", "train"},
+    "jobs": {"driver", "train"},
+    "bench": {"collective", "driver", "elastic", "train"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The flashtrain sub-packages ``path`` imports (``flashtrain.X...`` or ``from
+    flashtrain import X`` where X is a package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "flashtrain" and len(parts) > 1 and (PACKAGE / parts[1]).is_dir():
+                found.add(parts[1])
+    return found
+
+
+def test_packages_import_only_the_layers_below_them():
+    packages = sorted(p.name for p in PACKAGE.iterdir()
+                      if p.is_dir() and (p / "__init__.py").exists())
+    assert set(packages) == set(ALLOWED), "a new package needs its place in ALLOWED"
+    for package in packages:
+        for path in (PACKAGE / package).rglob("*.py"):
+            extra = imported_packages(path) - ALLOWED[package] - {package}
+            assert not extra, f"{path.relative_to(PACKAGE.parent)} imports {sorted(extra)}"
+
+
+def test_core_modules_import_no_package_above_them():
+    for path in PACKAGE.glob("*.py"):
+        assert not imported_packages(path) & {"bench", "driver", "jobs", "elastic"}, path
