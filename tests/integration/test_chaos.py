@@ -29,7 +29,7 @@ def run_chaos(seed: int, tmp_path: Path) -> dict:
                "--faults", "10", "--model", "tiny_cnn", "--epochs", str(EPOCHS),
                "--join-bound-s", str(JOIN_BOUND_S), "--workdir", str(tmp_path / "work"),
                "--json", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=560)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "all checks hold" in result.stdout
     return json.loads(out.read_text())
