@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashtrain.collective import gloo_backend, ring
+from flashtrain.collective import gloo_backend, rendezvous, ring
 from flashtrain.collective.errors import CollectiveError
 from flashtrain.topology import Grid, col_group_name, row_group_name, world_group_name
 
@@ -112,7 +112,7 @@ def abort_forming(generation: int, reason: str, prefix: str = "") -> None:
     still to come) fail at once with
     :class:`~flashtrain.collective.errors.CollectiveAbortedError`: a member of that grid
     died, so it can never form."""
-    gloo_backend.abort_forming(world_group_name(generation, prefix).removeprefix(
+    rendezvous.abort_forming(world_group_name(generation, prefix).removeprefix(
         f"{prefix}world"), reason)
 
 

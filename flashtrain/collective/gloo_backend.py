@@ -8,7 +8,7 @@ its row group and its column group gets wrong sums. Here each group constructs i
 * rank 0 of the group hosts the store on this node and publishes ``host:port`` and a fresh
   nonce in Ray's internal KV under the group name; the other ranks look it up with a
   deadline, connect, and check the nonce (a re-formed group with the same name never
-  talks to a stale store);
+  talks to a stale store; :mod:`flashtrain.collective.rendezvous`);
 * every key of the group lives under ``<group>/<nonce>/`` in that store;
 * every operation carries a timeout; an expired clock or a broken connection (dead peer)
   is raised as :class:`CollectiveTimeoutError` naming group, rank and operation;
@@ -18,7 +18,7 @@ its row group and its column group gets wrong sums. Here each group constructs i
   (``ProcessGroupGloo.abort()`` does not wake it), so the blocking waits run on a
   waiter thread of the group and the caller waits on an event that either the waiter
   or :meth:`~FlashGlooGroup.abort` sets; an aborted wait is left to end at its own
-  (bounded) timeout in the background.
+  (bounded) timeout in the background (:mod:`flashtrain.collective.waiter`).
 
 ``register()`` must run in the driver and in every actor process (Ray instantiates the
 group class by name in the process that joins).
@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
-import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import torch
@@ -45,11 +42,11 @@ from flashtrain.collective.errors import (
     CollectiveError,
     CollectiveTimeoutError,
 )
+from flashtrain.collective.rendezvous import Rendezvous, td
+from flashtrain.collective.waiter import Waiter
 
 BACKEND_NAME = "FLASHTRAIN_GLOO"
 DEFAULT_TIMEOUT_S = 30.0
-_KV_NAMESPACE = "flashtrain_collective"
-_POLL_INTERVAL_S = 0.02
 
 # Ray constructs a backend as ``cls(world_size, rank, group_name)``: there is no way to
 # pass options through. The joiner therefore leaves the timeout here, per group name,
@@ -78,25 +75,6 @@ def _take_group_timeouts(group_name: str) -> tuple[float, float]:
         return _timeouts_by_group.pop(group_name, (DEFAULT_TIMEOUT_S, DEFAULT_TIMEOUT_S))
 
 
-# Groups being formed cannot be reached through a group object yet: an abort of their
-# forming is recorded here by name suffix (the grid generation, e.g. "@g3"), and the
-# rendezvous of any group whose name ends with it gives up at its next poll.
-_forming_aborts_lock = threading.Lock()
-_forming_aborts: dict[str, str] = {}
-
-
-def abort_forming(name_suffix: str, reason: str) -> None:
-    """Make every rendezvous of a group whose name ends with ``name_suffix``, in this
-    process, now or later, fail with :class:`CollectiveAbortedError` (thread-safe)."""
-    with _forming_aborts_lock:
-        _forming_aborts[name_suffix] = reason or "aborted"
-
-
-def _forming_aborted(group_name: str) -> str | None:
-    with _forming_aborts_lock:
-        return next((reason for suffix, reason in _forming_aborts.items()
-                     if group_name.endswith(suffix)), None)
-
 
 def register() -> str:
     """Register the backend with ``ray.util.collective`` in this process (idempotent)."""
@@ -111,164 +89,10 @@ def register() -> str:
     return BACKEND_NAME
 
 
-def _rendezvous_key(group_name: str) -> str:
-    return f"rendezvous/{group_name}"
-
-
-def _td(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=max(seconds, 0.001))
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
-
-class _Rendezvous:
-    """Host or find the group's TCPStore through Ray's internal KV, with a deadline."""
-
-    def __init__(self, group_name: str, rank: int, world_size: int, timeout_s: float):
-        self.group_name = group_name
-        self.rank = rank
-        self.world_size = world_size
-        self.timeout_s = timeout_s
-        self.deadline = time.monotonic() + timeout_s
-
-    def check_aborted(self) -> None:
-        reason = _forming_aborted(self.group_name)
-        if reason is not None:
-            raise CollectiveAbortedError(self.group_name, self.rank, "rendezvous", reason)
-
-    def wait_for_everyone(self, store: dist.Store) -> None:
-        """Count in at the store, then poll until every member has (abortable).
-
-        gloo's own mesh set-up blocks in C++ until the last member arrives or its
-        timeout passes, and nothing can interrupt it: so it starts only once every
-        member is known to be here, and a member that died on the way is waited for
-        here, where an abort ends the wait.
-        """
-        store.add("arrived", 1)
-        while store.add("arrived", 0) < self.world_size:
-            self.check_aborted()
-            if time.monotonic() > self.deadline:
-                raise CollectiveTimeoutError(
-                    self.group_name, self.rank, "rendezvous", self.timeout_s,
-                    f"only {store.add('arrived', 0)} of {self.world_size} members arrived")
-            time.sleep(_POLL_INTERVAL_S)
-
-    def host(self) -> tuple[dist.Store, str]:
-        """Start the store (rank 0) and publish where it is."""
-        import ray
-        import ray.experimental.internal_kv as kv
-
-        host = ray.util.get_node_ip_address()
-        store = dist.TCPStore(
-            host, 0, None, True, timeout=_td(self.timeout_s), wait_for_workers=False
-        )
-        nonce = uuid.uuid4().hex
-        store.set("nonce", nonce)
-        record = json.dumps({"host": host, "port": store.port, "nonce": nonce})
-        kv._internal_kv_put(
-            _rendezvous_key(self.group_name), record, overwrite=True, namespace=_KV_NAMESPACE
-        )
-        return store, nonce
-
-    def join(self) -> tuple[dist.Store, str]:
-        """Find rank 0's store and connect; retry on a stale record until the deadline."""
-        last_error: Exception | None = None
-        while time.monotonic() < self.deadline:
-            self.check_aborted()
-            record = self._lookup()
-            if record is None:
-                time.sleep(_POLL_INTERVAL_S)
-                continue
-            try:
-                return self._connect(record)
-            except (RuntimeError, ValueError) as exc:  # stale record: store gone or reused
-                last_error = exc
-                time.sleep(_POLL_INTERVAL_S)
-        raise CollectiveTimeoutError(
-            self.group_name, self.rank, "rendezvous", self.timeout_s,
-            "rank 0 never published a reachable store",
-        ) from last_error
-
-    def _lookup(self) -> dict | None:
-        import ray.experimental.internal_kv as kv
-
-        raw = kv._internal_kv_get(_rendezvous_key(self.group_name), namespace=_KV_NAMESPACE)
-        return json.loads(raw) if raw else None
-
-    def _connect(self, record: dict) -> tuple[dist.Store, str]:
-        # Short connect timeout: a stale record points at a store that is gone.
-        connect_s = min(2.0, max(self.deadline - time.monotonic(), 0.05))
-        store = dist.TCPStore(
-            record["host"], int(record["port"]), None, False, timeout=_td(connect_s)
-        )
-        if store.get("nonce").decode() != record["nonce"]:
-            raise ValueError("store at the published address belongs to another group")
-        store.set_timeout(_td(self.deadline - time.monotonic()))
-        return store, record["nonce"]
-
-    def withdraw(self) -> None:
-        """Delete the published record (rank 0, once every member is connected)."""
-        import ray.experimental.internal_kv as kv
-
-        with contextlib.suppress(Exception):
-            kv._internal_kv_del(_rendezvous_key(self.group_name), namespace=_KV_NAMESPACE)
-
-
-class _Outcome:
-    """What became of a wait handed to a :class:`_Waiter`."""
-
-    finished: bool = False
-    error: BaseException | None = None
-
-
-class _Waiter:
-    """A daemon thread that runs a group's blocking waits one after another.
-
-    The caller hands it a wait and blocks on an event instead, so an abort from another
-    thread can wake the caller while gloo still waits (bounded by its own timeout).
-    """
-
-    def __init__(self, group_name: str):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=f"gloo-wait-{group_name}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                # Dropping the last reference to the process group here, not in the caller:
-                # ~ProcessGroupGloo joins gloo's threads, so after an abort it blocks
-                # until the abandoned operation reaches its own timeout.
-                self._keep = None
-                return
-            job()
-
-    def submit(self, wait: Callable[[], None], wake: threading.Event) -> _Outcome:
-        """Run ``wait`` on the thread; ``wake`` is set when it has returned or raised."""
-        outcome = _Outcome()
-
-        def job() -> None:
-            try:
-                wait()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                outcome.error = exc
-            finally:
-                outcome.finished = True
-                wake.set()
-
-        self._jobs.put(job)
-        return outcome
-
-    def stop(self, keep: object = None) -> None:
-        """End the thread once its current wait is over; ``keep`` (the process group)
-        is released on the thread, after that wait."""
-        self._keep = keep
-        self._jobs.put(None)
 
 
 class FlashGlooGroup(BaseGroup):
@@ -281,9 +105,9 @@ class FlashGlooGroup(BaseGroup):
         self._abort_reason: str | None = None
         self._wakers: set[threading.Event] = set()
         self._wakers_lock = threading.Lock()
-        self._rendezvous = _Rendezvous(group_name, rank, world_size, rendezvous_s)
+        self._rendezvous = Rendezvous(group_name, rank, world_size, rendezvous_s)
         self._store, self._pg = self._connect()
-        self._waiter = _Waiter(group_name)
+        self._waiter = Waiter(group_name)
 
     def _connect(self) -> tuple[dist.Store, dist.ProcessGroupGloo]:
         try:
@@ -294,8 +118,8 @@ class FlashGlooGroup(BaseGroup):
             # Forming the mesh waits for every member: the rendezvous timeout applies;
             # operations get the (usually shorter) operation timeout afterwards.
             pg = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size,
-                                       _td(self._rendezvous.timeout_s))
-            pg.set_timeout(_td(self.timeout_s))
+                                       td(self._rendezvous.timeout_s))
+            pg.set_timeout(td(self.timeout_s))
         except CollectiveError:
             if self.rank == 0:
                 self._rendezvous.withdraw()
@@ -373,7 +197,7 @@ class FlashGlooGroup(BaseGroup):
         """Start an operation with the remaining time as its timeout and wait for it."""
         self._check_usable(op)
         remaining = self._remaining_s(op)
-        work = self._started(op, lambda: start(_td(remaining)))
+        work = self._started(op, lambda: start(td(remaining)))
         self._await(op, remaining, lambda: work.wait())
 
     def _check_usable(self, op: str) -> None:
@@ -535,7 +359,7 @@ class FlashGlooGroup(BaseGroup):
 
         def wait() -> None:
             for work in works:
-                work.wait(_td(deadline - time.monotonic()))
+                work.wait(td(deadline - time.monotonic()))
 
         self._await(op, remaining, wait)
 
