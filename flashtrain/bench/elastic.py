@@ -70,6 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "one at a time, at seeded random moments (flashtrain.bench."
                              "external_kills), and report the distribution of recoveries")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and victims")
+    parser.add_argument("--steps-before-kills", type=int, default=10,
+                        help="completed steps before the first external kill")
     parser.add_argument("--min-gap", type=float, default=1.0,
                         help="shortest wait (s) after a recovery before the next kill")
     parser.add_argument("--max-gap", type=float, default=4.0,

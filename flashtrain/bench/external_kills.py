@@ -53,7 +53,8 @@ def external_overrides(args: argparse.Namespace) -> list[str]:
 def _killer(args: argparse.Namespace, victims, steps, on_done, activity=lambda: "-"):
     return ExternalKiller(num_kills=args.external_kills, seed=args.seed, victims=victims,
                           steps=steps, on_done=on_done, activity=activity,
-                          min_gap_s=args.min_gap, max_gap_s=args.max_gap)
+                          min_gap_s=args.min_gap, max_gap_s=args.max_gap,
+                          first_after_steps=args.steps_before_kills)
 
 
 def run_flashtrain(args: argparse.Namespace, config, workdir: Path) -> dict:

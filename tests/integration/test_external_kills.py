@@ -24,6 +24,8 @@ def test_sigkilled_workers_recover_within_the_bound_exactly_once(tmp_path):
     out = tmp_path / "kills.json"
     command = [sys.executable, "-m", "flashtrain.bench", "elastic", "--external-kills", "3",
                "--systems", "flashtrain", "--seed", "11", "--min-gap", "1", "--max-gap", "3",
+               # Two epochs of training first, so the loss has fallen whatever the load.
+               "--steps-before-kills", "45",
                "--data-cache", str(tmp_path / "digits"), "--json", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
