@@ -26,7 +26,9 @@ Definitions (per fault):
 - **committed steps lost** = max(0, promised step - resume step), where the resume
   step is the global step of the first step completed after the recovery. Steps after
   the promise that are trained again (**redone** = last step completed before the fault
-  + 1 - resume step) are the price of the commit and checkpoint intervals, not a loss.
+  + 1 - resume step) are the price of the commit and checkpoint intervals, not a loss
+  (seen from outside, a step that ends in the very instant of a fault may count on
+  either side; the exact step accounting is checked on the finished run).
 - **join times** of each worker that joined a grid after the start (from the job's
   re-form records): from its request to a placed bundle (room), from room to its
   constructor done (start), and **short s**: how long the grid was below its target
@@ -62,6 +64,7 @@ from flashtrain.bench.chaos_watch import MetricsTail, is_step
 
 NODE_CPUS = 2  # logical CPUs per emulated node: two 1-CPU workers, rows of two
 DRIVER_START_LIMIT_S = 300.0
+_NEEDS_PIDS = ("kill_worker", "kill_all_workers", "stall_worker")
 
 
 @dataclass
@@ -240,15 +243,17 @@ class ChaosRun:
 
         self.tail.poll()
         grid = self.tail.grid() or {}
+        pids = self._member_pids(grid) if fault.kind in _NEEDS_PIDS else {}
+        durable = _step_of(latest_checkpoint(self.run_dir / "checkpoints"))
+        self.tail.poll()  # what the job has done, as close to the fault as can be
         last = self.tail.last_step()
         commit = self.tail.last("event", "commit", instance=self.tail.instance)
-        durable = _step_of(latest_checkpoint(self.run_dir / "checkpoints"))
         outcome = Outcome(index=index, kind=fault.kind, time=0.0, victim="-",
                           instance=self.tail.instance, grid_before=grid.get("grid", "-"),
                           last_step_before=last["step"] if last else None,
                           promise="commit", promised_step=commit["global_step"] if commit else None,
                           durable_step=durable, generation=grid.get("generation", -1))
-        getattr(self, f"_fire_{fault.kind}")(fault, grid, outcome)
+        getattr(self, f"_fire_{fault.kind}")(fault, grid, pids, outcome)
         outcome.time = outcome.fired_at - self.began
         outcome.settles_at = max(outcome.settles_at, outcome.fired_at)
         return outcome
@@ -266,23 +271,20 @@ class ChaosRun:
             grid = self.tail.grid() or grid
         return {}
 
-    def _fire_kill_worker(self, fault, grid, outcome: Outcome) -> None:
-        pids = self._member_pids(grid)
+    def _fire_kill_worker(self, fault, grid, pids, outcome: Outcome) -> None:
         actor = faults.choose(list(pids), fault.pick) if pids else None
         outcome.fired_at = time.time()
         if actor is not None:
             faults.send(pids[actor], signal.SIGKILL)
         outcome.victim = f"pid {pids[actor]}" if actor else "no live member"
 
-    def _fire_kill_all_workers(self, fault, grid, outcome: Outcome) -> None:
-        pids = self._member_pids(grid)
+    def _fire_kill_all_workers(self, fault, grid, pids, outcome: Outcome) -> None:
         outcome.fired_at = time.time()
         for pid in pids.values():
             faults.send(pid, signal.SIGKILL)
         outcome.victim = f"{len(pids)} pids"
 
-    def _fire_stall_worker(self, fault, grid, outcome: Outcome) -> None:
-        pids = self._member_pids(grid)
+    def _fire_stall_worker(self, fault, grid, pids, outcome: Outcome) -> None:
         actor = faults.choose(list(pids), fault.pick) if pids else None
         seconds = self.args.collective_timeout + 1.5
         outcome.fired_at = time.time()
@@ -291,16 +293,16 @@ class ChaosRun:
         outcome.settles_at = outcome.fired_at + seconds
         outcome.victim = f"pid {pids[actor]} for {seconds:g}s" if actor else "no live member"
 
-    def _fire_remove_node(self, fault, grid, outcome: Outcome) -> None:
+    def _fire_remove_node(self, fault, grid, pids, outcome: Outcome) -> None:
         outcome.fired_at = time.time()
         node = faults.remove_node(self.cluster, grid.get("nodes", []), fault.pick)
         outcome.victim = f"node {node[:8]}" if node else "no worker node"
 
-    def _fire_add_node(self, fault, grid, outcome: Outcome) -> None:
+    def _fire_add_node(self, fault, grid, pids, outcome: Outcome) -> None:
         outcome.fired_at = time.time()
         outcome.victim = f"node {self.cluster.add_node(num_cpus=NODE_CPUS).node_id[:8]}"
 
-    def _fire_kill_driver(self, fault, grid, outcome: Outcome) -> None:
+    def _fire_kill_driver(self, fault, grid, pids, outcome: Outcome) -> None:
         outcome.fired_at = time.time()
         pid = self.driver.pid
         faults.send(pid, signal.SIGKILL)

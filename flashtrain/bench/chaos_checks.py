@@ -23,8 +23,6 @@ def check_run(summary: dict | None, records: list[dict], outcomes: list, run_dir
         problems.append(f"{lost} committed step(s) lost: " + ", ".join(
             f"fault {o.index + 1} ({o.kind}) promised {o.promised_step}, resumed at "
             f"{o.resume_step}" for o in outcomes if o.lost))
-    problems += [f"fault {o.index + 1} ({o.kind}) skipped ahead: last step {o.last_step_before}, "
-                 f"resumed at {o.resume_step}" for o in outcomes if (o.redone or 0) < 0]
     slow = [j for j in joins if j["short_s"] > args.join_bound_s]
     if slow:
         problems.append(f"{len(slow)} replacement(s) joined more than {args.join_bound_s:g}s "

@@ -11,14 +11,18 @@ The controller carries out decisions; :func:`flashtrain.policy.decide` makes the
   committed state through the object store and the grid re-forms, bigger.
 * **Planned resize**: a schedule phase that names a grid moves the target; the grid
   shrinks at the phase boundary, or grows as the requested workers become ready.
-* **Replacements join in bounded time**: a spare that has had room (a placed bundle)
-  for :data:`JOIN_GRACE_S` while the grid is below target makes the driver wait for it
-  at the next commit boundary, at most :data:`JOIN_WAIT_S`. On CPU workers the
-  survivors' training takes the cores a starting process needs for its imports: on
-  this project's 2-core machine a replacement stayed ``PENDING_CREATION`` (still
-  importing torch) for a whole run beside three trainers; with training paused it is
-  ready in a few seconds. Every re-form records, per newcomer, the seconds from its
-  request, from the moment it had room, and from ready, to joining the grid.
+* **Replacements join in bounded time**: a spare the grid has been short of, with room
+  (a process of its own), for :data:`JOIN_GRACE_S` makes the driver wait for it at the
+  next commit boundary, at most :data:`JOIN_WAIT_S`, once: with training paused, the
+  cores are the starting process's (its imports are seconds of CPU). Measured on this
+  project's 2-core machine (shufflenet_v2_x0_5, 2x2, one worker SIGKILLed, quiet
+  machine): a replacement was ready 7.6-10.3 s after it had room, paused or not (the
+  survivors trained 25 steps meanwhile with a 5 s grace, 37-40 without), so the grace
+  is above a normal start and the pause only bounds the abnormal ones (a machine
+  oversubscribed by other work; the GCS busy-spin that the per-node placement groups
+  of :mod:`flashtrain.elastic.membership` avoid, which had replacements take 116-132 s).
+  Every re-form records, per newcomer, the seconds from its request to room, from room
+  to ready, and how long the grid was short of it with room (``short_s``).
 * **Every worker lost**: nothing in memory is left to continue from; :class:`GridLost`
   tells the trainer, which loads the newest durable checkpoint into the clock and
   :meth:`ElasticController.restart` forms a fresh grid from spares (waiting for them
@@ -57,7 +61,7 @@ log = logging.getLogger(__name__)
 _PING_TIMEOUT_S = 5.0
 # See "Replacements join in bounded time" above. A config field would be the better home
 # (elastic.join_grace_s / join_wait_s); the controller takes both as arguments.
-JOIN_GRACE_S = 5.0
+JOIN_GRACE_S = 10.0
 JOIN_WAIT_S = 60.0
 _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 
