@@ -207,6 +207,9 @@ class RuntimeConfig(_Section):
     seed: int = Field(0, description="Seed of model initialisation.")
     remote_timeout_s: float = Field(300.0, gt=0, description="Deadline of every remote call.")
     log_every_steps: int = Field(1, ge=1, description="metrics.jsonl step records interval.")
+    tensorboard: bool = Field(False, description="Also write the numbers of metrics.jsonl's "
+                              "step, epoch and reform records as TensorBoard scalars into "
+                              "<run_dir>/tensorboard/ (`tensorboard --logdir RUN_DIR`).")
     progress: bool = Field(True, description="Show a progress bar on the driver.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many global steps.")
     local_nodes: int = Field(0, ge=0, description="Without ray_address: emulate a cluster of "

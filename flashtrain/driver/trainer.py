@@ -112,7 +112,7 @@ class Trainer:
         self.data_cache = data_cache
         self.resume = resume
         self.say = say
-        self.metrics = MetricsWriter(run_dir)
+        self.metrics = MetricsWriter(run_dir, tensorboard=config.runtime.tensorboard)
         self.checkpoint_dir = run_dir / "checkpoints"
         self.totals = RunTotals()
         self.timeout = config.runtime.remote_timeout_s

@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flashtrain: {err}", file=sys.stderr)
         return EXIT_CONFIG
     create_run_dir(config, run_dir, args.resume)
-    return train(config, args, run_dir, cluster, fresh)
+    try:
+        return train(config, args, run_dir, cluster, fresh)
+    finally:
+        write_run_report(run_dir)
 
 
 def train(config: FlashtrainConfig, args: argparse.Namespace, run_dir: Path, cluster,
@@ -173,6 +176,23 @@ def train(config: FlashtrainConfig, args: argparse.Namespace, run_dir: Path, clu
           f"{summary['global_steps']} steps, {summary['images_per_sec']:.1f} images/s, "
           f"{summary['wall_seconds']:.0f}s; results in {run_dir}", flush=True)
     return 0
+
+
+def write_run_report(run_dir: Path) -> None:
+    """Write ``report.html`` at the end of a run, whatever its outcome. A report that
+    cannot be written is said, never raised: it must not hide the run's own error or
+    change the exit code."""
+    if not run_dir.is_dir():  # a run that never began was removed: nothing to show
+        return
+    try:
+        from flashtrain.report import write_report
+
+        path = write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - the report is secondary to the run's outcome
+        print(f"flashtrain: could not write the report ({type(err).__name__}: {err}); "
+              f"rebuild it with `python -m flashtrain.report {run_dir}`", file=sys.stderr)
+        return
+    print(f"flashtrain: report {path}", flush=True)
 
 
 def report_failure(err: Exception, run_dir: Path, discarded: bool) -> int:

@@ -9,6 +9,10 @@ as :mod:`flashtrain.train.plots` reads them (others may be added freely):
 - ``event``: ``name`` and whatever explains it
 - ``reform``: ``step``, ``reason``, ``old_grid``, ``new_grid`` ("RxC"),
   ``recovery_seconds``, ``steps_rolled_back``
+
+With ``tensorboard=True`` the writer mirrors every number of the step, epoch and reform
+records into TensorBoard's event format under ``<run_dir>/tensorboard/`` (see
+:class:`TensorBoardMirror`); ``metrics.jsonl`` stays the record of truth.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+TENSORBOARD_DIR = "tensorboard"
 RECORD_KINDS = ("step", "epoch", "event", "reform")
 SUMMARY_KEYS = ("final_top1", "final_top5", "epochs", "global_steps", "images_per_sec",
                 "wall_seconds", "dataset_train_size", "samples_per_epoch", "skipped_files",
@@ -51,21 +56,83 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+# Which field of a record is TensorBoard's step axis, by record kind. A reform record
+# has no step of its own: it is placed at the step training resumed from.
+TENSORBOARD_STEP_KEYS = {"step": "step", "epoch": "epoch", "reform": "resume_step"}
+
+
+def scalar_fields(record: dict[str, Any]) -> dict[str, float]:
+    """The plain numbers of a record (booleans, strings, lists and nulls are not
+    scalars), less ``kind`` and the field that is its kind's step axis."""
+    axis = TENSORBOARD_STEP_KEYS.get(record.get("kind"))
+    return {key: value for key, value in record.items()
+            if key != axis and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+class TensorBoardMirror:
+    """The step, epoch and reform records of a run as TensorBoard scalars.
+
+    Tag ``<kind>/<field>`` (e.g. ``step/loss``, ``epoch/top1``, ``reform/recovery_seconds``)
+    for each number of :func:`scalar_fields`, at the record's step axis
+    (``TENSORBOARD_STEP_KEYS``; the count of earlier records of that kind when the field is
+    missing) and with the record's wall time. Events are not mirrored: their fields differ
+    from one event to the next and mean little as curves. Not thread-safe by itself: the
+    :class:`MetricsWriter` calls it under its lock.
+    """
+
+    def __init__(self, log_dir: Path, start_time: float, flush_secs: int = 10) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # the package is a dependency; a broken install says so
+            raise RuntimeError(f"runtime.tensorboard needs the tensorboard package ({err}): "
+                               "`pip install tensorboard`, or set runtime.tensorboard=false") from err
+        self._summary_writer_class = SummaryWriter
+        self._log_dir = log_dir
+        self._flush_secs = flush_secs  # a running job's curves show up within seconds
+        self._writer = None  # opened at the first scalar: a run that never trained has none
+        self._start_time = start_time
+        self._counts = {kind: 0 for kind in TENSORBOARD_STEP_KEYS}
+
+    def add(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        if kind not in TENSORBOARD_STEP_KEYS:
+            return
+        if self._writer is None:
+            self._writer = self._summary_writer_class(log_dir=str(self._log_dir),
+                                                      flush_secs=self._flush_secs)
+        step = record.get(TENSORBOARD_STEP_KEYS[kind])
+        if not isinstance(step, int) or isinstance(step, bool):
+            step = self._counts[kind]
+        self._counts[kind] += 1
+        walltime = self._start_time + float(record.get("time", 0.0))
+        for field, value in scalar_fields(record).items():
+            self._writer.add_scalar(f"{kind}/{field}", value, global_step=step, walltime=walltime)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+
+
 class MetricsWriter:
     """Appends records to ``<run_dir>/metrics.jsonl``, one flushed line each.
 
     ``start_time`` (a ``clock()`` reading) is the run's start; pass the original one when
     a resumed run keeps appending to the same file. ``clock`` defaults to ``time.time``.
-    Thread-safe: the driver's controller and its training loop may both write.
+    ``tensorboard``: also mirror the records into ``<run_dir>/tensorboard/``
+    (:class:`TensorBoardMirror`). Thread-safe: the driver's controller and its training
+    loop may both write.
     """
 
     def __init__(self, run_dir: Path | str, start_time: float | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self.start_time = clock() if start_time is None else start_time
         self._lock = threading.Lock()
+        self._mirror = (TensorBoardMirror(self.path.parent / TENSORBOARD_DIR, self.start_time)
+                        if tensorboard else None)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def elapsed(self) -> float:
@@ -82,7 +149,18 @@ class MetricsWriter:
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()
+            if self._mirror is not None:
+                self._mirror_record(record)
         return record
+
+    def _mirror_record(self, record: dict[str, Any]) -> None:
+        """Mirror one record into TensorBoard; a failure there (a full disk, say) stops
+        the mirror with a warning but never the run: metrics.jsonl is the record."""
+        try:
+            self._mirror.add(record)
+        except Exception as err:  # noqa: BLE001 - the mirror is optional, the run is not
+            log.warning("TensorBoard mirror stopped: %s: %s", type(err).__name__, err)
+            self._mirror = None
 
     def step(self, **fields: Any) -> dict[str, Any]:
         return self.write("step", **fields)
@@ -100,6 +178,8 @@ class MetricsWriter:
         with self._lock:
             if not self._file.closed:
                 self._file.close()
+                if self._mirror is not None:
+                    self._mirror.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
