@@ -176,3 +176,62 @@ def capacity_shortfall(bundle: dict[str, float], num_workers: int,
     return (f"the grid needs {num_workers} worker(s) of {per_worker} each "
             f"({_amounts(asked, names)} in all), but the cluster's {len(nodes)} node(s) have "
             f"{_amounts(total, names)}, room for {num_fitting} such worker(s){spans}: {fix}")
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def gpu_collectives_problem(gpu_backend: str) -> str | None:
+    """Why this process cannot run GPU collectives with ``gpu_backend`` ("flashtrain":
+    flashtrain's NCCL backend; "ray_nccl": Ray's cupy-based one), with the fix; ``None``
+    when it can. Asked in each worker as it joins a grid (the driver may have no GPU)."""
+    import torch  # local: the other checks must not pay for importing torch
+    import torch.distributed as dist
+
+    build = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return (f"grid.use_gpu=true, but this worker sees no CUDA device ({build}, "
+                f"CUDA_VISIBLE_DEVICES={visible!r}): install an NVIDIA driver that supports "
+                f"CUDA {torch.version.cuda or '(a CUDA build of torch is needed)'}, or set "
+                "grid.use_gpu=false to train on CPU workers with gloo")
+    if not (dist.is_available() and dist.is_nccl_available()):
+        return (f"grid.use_gpu=true, but {build} was built without NCCL: install a CUDA "
+                "build of torch (pip install torch==2.14.1), or set grid.use_gpu=false")
+    if gpu_backend == "ray_nccl":
+        return _ray_nccl_problem(build)
+    return None
+
+
+def _ray_nccl_problem(build: str) -> str | None:
+    """Ray registers its NCCL backend only if cupy imports; say so instead of Ray's
+    "Backend NCCL not registered"."""
+    wanted = f"cupy-cuda{(torch_cuda_major() or 13)}x"
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure to load cupy is the answer
+        return (f"collective.gpu_backend=ray_nccl needs cupy, which does not load here "
+                f"({type(exc).__name__}: {str(exc).strip()[:200]}): pip install "
+                f"'flashtrain[gpu]' ({wanted}, matching {build}), or set "
+                "collective.gpu_backend=flashtrain (no cupy needed)")
+    import ray.util.collective as col
+
+    if not col.nccl_available():
+        return (f"collective.gpu_backend=ray_nccl: cupy loads but Ray's NCCL backend is not "
+                f"available: check that cupy's CUDA matches {build} ({wanted}), or set "
+                "collective.gpu_backend=flashtrain")
+    return None
+
+
+def torch_cuda_major() -> int | None:
+    """The CUDA major version torch was built for (``None`` for a CPU build)."""
+    import torch
+
+    return int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+
+
+def check_gpu_collectives(gpu_backend: str) -> None:
+    """Raise :class:`PreflightError` when :func:`gpu_collectives_problem` finds one."""
+    problem = gpu_collectives_problem(gpu_backend)
+    if problem is not None:
+        raise PreflightError(problem)
