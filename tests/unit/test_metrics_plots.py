@@ -94,7 +94,8 @@ def test_topk_counts() -> None:
 
 
 def _assert_pngs(paths: list[Path], run_dir: Path) -> None:
-    assert sorted(p.name for p in paths) == ["batch_lr.png", "loss.png", "top1.png"]
+    assert sorted(p.name for p in paths) == ["batch_lr.png", "loss.png", "step_split.png",
+                                             "top1.png"]
     for path in paths:
         assert path.parent == run_dir
         data = path.read_bytes()
@@ -114,3 +115,76 @@ def test_plots_before_any_epoch_or_reform(tmp_path: Path) -> None:
 
 def test_plots_of_an_empty_run(tmp_path: Path) -> None:
     _assert_pngs(write_plots(tmp_path), tmp_path)
+
+
+# -- the TensorBoard mirror (runtime.tensorboard) --------------------------------------------
+
+
+def _tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar TensorBoard reads back from ``<run_dir>/tensorboard``, by tag:
+    (step, value, wall time), through TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value, e.wall_time) for e in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def _expected_scalars(records: list[dict], start_time: float) -> dict[str, list]:
+    """What the mirror must hold, worked out from metrics.jsonl by hand: every number of
+    each step/epoch/reform record, at the record's step, epoch or resume step."""
+    axis = {"step": "step", "epoch": "epoch", "reform": "resume_step"}
+    expected: dict[str, list] = {}
+    for record in records:
+        if record["kind"] not in axis:
+            continue
+        for key, value in record.items():
+            if key in ("kind", axis[record["kind"]]) or isinstance(value, (bool, str, list)):
+                continue
+            if value is None:
+                continue
+            expected.setdefault(f"{record['kind']}/{key}", []).append(
+                (record[axis[record["kind"]]], value, start_time + record["time"]))
+    return expected
+
+
+def test_tensorboard_mirrors_every_scalar_of_metrics_jsonl(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with MetricsWriter(tmp_path, clock=clock, tensorboard=True) as writer:
+        for step in range(6):
+            clock.now += 0.25
+            writer.step(step=step, epoch=0, loss=2.0 - 0.1 * step, lr=np.float32(0.05),
+                        global_batch=32, grid="2x2", step_seconds=0.2, nan_loss=float("nan"))
+        writer.reform(time=writer.elapsed(), cause="ActorDiedError", old_grid="2x2",
+                      new_grid="3x1", failed_step=5, resume_step=3, steps_rolled_back=2,
+                      recovery_seconds=0.94, newcomers=[])
+        writer.event("commit", global_step=3)
+        writer.epoch(epoch=0, top1=0.42, top5=0.9, val_loss=1.5)
+    records = read_metrics(tmp_path)
+    expected = _expected_scalars(records, writer.start_time)
+    actual = _tensorboard_scalars(tmp_path)
+    assert set(actual) == set(expected)
+    assert "step/loss" in actual and "reform/recovery_seconds" in actual
+    assert "step/nan_loss" not in actual  # null in metrics.jsonl: no number to plot
+    assert "event/global_step" not in actual and "step/grid" not in actual
+    for tag, points in expected.items():
+        got = sorted(actual[tag])
+        assert len(got) == len(points), tag
+        for (step, value, wall), (want_step, want_value, want_wall) in zip(
+                got, sorted(points), strict=True):
+            assert step == want_step, tag
+            # TensorBoard stores float32 values and float64 wall times.
+            assert value == pytest.approx(want_value, rel=1e-6), tag
+            assert wall == pytest.approx(want_wall, abs=1e-3), tag
+
+
+def test_tensorboard_off_or_unused_writes_no_event_files(tmp_path: Path) -> None:
+    with MetricsWriter(tmp_path / "off") as writer:
+        writer.step(step=0, loss=1.0)
+    assert not (tmp_path / "off" / "tensorboard").exists()
+    # On, but nothing trained yet (a run that fails at start): nothing is created either,
+    # so the job can still tell a run that never began.
+    with MetricsWriter(tmp_path / "idle", tensorboard=True) as writer:
+        writer.event("start")
+    assert not (tmp_path / "idle" / "tensorboard").exists()
