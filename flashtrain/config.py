@@ -65,6 +65,9 @@ class CollectiveConfig(_Section):
         "fp32", description="Dtype on the wire; 16-bit halves the bytes, accumulation stays fp32.")
     timeout_s: float = Field(60.0, gt=0, description="Every collective call fails with a typed "
                              "error after this many seconds instead of hanging.")
+    overlap: bool = Field(True, description="Start each gradient bucket's all-reduce during the "
+                          "backward pass, as soon as its gradients are ready (same result "
+                          "as after the backward; false: all buckets after the backward).")
 
 
 class ModelConfig(_Section):

@@ -18,6 +18,7 @@ from flashtrain.collective.errors import (
 )
 from flashtrain.collective.fusion import GradientSynchronizer
 from flashtrain.collective.gloo_backend import BACKEND_NAME, register
+from flashtrain.collective.overlap import OverlappedSynchronizer, SyncClock
 
 __all__ = [
     "ALGORITHMS",
@@ -27,6 +28,8 @@ __all__ = [
     "CollectiveTimeoutError",
     "GradientSynchronizer",
     "GridComm",
+    "OverlappedSynchronizer",
+    "SyncClock",
     "abort_forming",
     "abort_grid",
     "allreduce_",

@@ -7,7 +7,10 @@ in place with one of :data:`ALGORITHMS`:
 
 * ``flat``: one all-reduce over the world group (gloo's ring for large buffers);
 * ``torus`` (Mikami et al.): reduce-scatter along the row, all-reduce the owned 1/cols
-  shard along the column, all-gather along the row;
+  shard along the column, all-gather along the row. On gloo, a large buffer is
+  pipelined over chunks of the shard: the column all-reduce of chunk k runs on a thread
+  of its own while the row reduce-scatters chunk k+1 and all-gathers chunk k-1
+  (:func:`pipeline_spans`);
 * ``hierarchical``: reduce to the row leader (column 0), all-reduce among the leaders
   (the column-0 group), broadcast within the row.
 
@@ -16,17 +19,20 @@ gloo backend reduce-scatter and all-gather are the point-to-point rings of
 :mod:`flashtrain.collective.ring` (faster than gloo's own), and every sum over a 16-bit
 wire accumulates in fp32 there; fp32 all-reduce and reduce use gloo's own. NCCL uses
 its own collectives throughout (16-bit wire sums in 16 bits there).
+
+Every buffer allocated here lives on the input tensor's device (NCCL refuses CPU ones).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from flashtrain.collective import gloo_backend, rendezvous, ring
-from flashtrain.collective.errors import CollectiveError
+from flashtrain.collective import gloo_backend, group_base, nccl_backend, rendezvous, ring
+from flashtrain.collective.errors import CollectiveError, CollectiveTimeoutError
 from flashtrain.topology import Grid, col_group_name, row_group_name, world_group_name
 
 ALGORITHMS = ("flat", "torus", "hierarchical")
@@ -62,11 +68,18 @@ class GridComm:
 
 
 def _ray_backend_name(backend: str) -> str:
+    """``gloo`` and ``nccl`` are flashtrain's own backends (independent, bounded,
+    abortable groups); ``ray_nccl`` is Ray's cupy-based NCCL backend (no deadline, no
+    abort). A GPU backend this process cannot run fails here with the fix."""
     if backend == "gloo":
         return gloo_backend.register()
-    if backend == "nccl":
-        return "nccl"
-    raise ValueError(f"backend {backend!r} is not supported: use 'gloo' (CPU) or 'nccl' (GPU)")
+    if backend in ("nccl", "ray_nccl"):
+        from flashtrain.preflight import check_gpu_collectives
+
+        check_gpu_collectives("flashtrain" if backend == "nccl" else "ray_nccl")
+        return nccl_backend.register() if backend == "nccl" else "nccl"
+    raise ValueError(f"backend {backend!r} is not supported: use 'gloo' (CPU), 'nccl' (GPU) "
+                     "or 'ray_nccl' (GPU, Ray's cupy-based backend)")
 
 
 def join_grid(grid: Grid, rank: int, generation: int, *, backend: str = "gloo",
@@ -91,7 +104,7 @@ def join_grid(grid: Grid, rank: int, generation: int, *, backend: str = "gloo",
     memberships = [(comm.row_group, grid.cols, column), (comm.col_group, grid.rows, row),
                    (comm.world_group, grid.num_workers, rank)]
     for name, size, group_rank in memberships:
-        if backend == "gloo":
+        if backend in ("gloo", "nccl"):
             gloo_backend.set_group_timeout(name, timeout_s, rendezvous_timeout_s)
         col.init_collective_group(size, group_rank, backend=ray_backend, group_name=name)
     return comm
@@ -120,7 +133,8 @@ def abort_grid(comm: GridComm, reason: str) -> int:
     """Make this worker's pending and later collectives of ``comm`` fail at once with
     :class:`~flashtrain.collective.errors.CollectiveAbortedError` (safe from another
     thread while a collective blocks; a no-op for groups already gone). Returns how many
-    groups were aborted. Only the flashtrain gloo backend can be aborted so far."""
+    groups were aborted. flashtrain's gloo and NCCL backends can be aborted; Ray's
+    NCCL backend (``ray_nccl``) cannot."""
     import ray.util.collective as col
     from ray.util.collective.collective import get_group_handle
 
@@ -130,7 +144,7 @@ def abort_grid(comm: GridComm, reason: str) -> int:
             continue
         with contextlib.suppress(Exception):  # destroyed meanwhile by the worker thread
             handle = get_group_handle(name)
-            if isinstance(handle, gloo_backend.FlashGlooGroup):
+            if isinstance(handle, group_base.IndependentGroup):
                 handle.abort(reason)
                 aborted += 1
     return aborted
@@ -211,21 +225,146 @@ class _RingTransport(_NativeTransport):
 
 
 def _torus(x, acc, comm, transport, wire_dtype, scale) -> None:
-    cols, rows, col = comm.grid.cols, comm.grid.rows, comm.col
-    shards = list(acc.view(cols, -1).unbind(0))
-    if cols > 1:
-        transport.reduce_scatter(comm.row_group, shards, col)
-    if rows > 1:
-        transport.allreduce(comm.col_group, shards[col], scale)
-    elif scale != 1.0:
-        shards[col].mul_(scale)
-    gathered = acc if acc.dtype == wire_dtype else torch.empty(acc.numel(), dtype=wire_dtype)
-    pieces = list(gathered.view(cols, -1).unbind(0))
-    if pieces[col].data_ptr() != shards[col].data_ptr():
-        pieces[col].copy_(shards[col])
-    if cols > 1:
-        transport.allgather(comm.row_group, pieces, col)
+    cols = comm.grid.cols
+    gathered = (acc if acc.dtype == wire_dtype
+                else torch.empty(acc.numel(), dtype=wire_dtype, device=acc.device))
+    phases = _TorusPhases(acc.view(cols, -1), gathered.view(cols, -1), comm, transport, scale)
+    spans = pipeline_spans(acc.numel() // cols, acc.element_size(), comm)
+    if len(spans) == 1:
+        phases.reduce_scatter(spans[0])
+        phases.column_allreduce(spans[0])
+        phases.allgather(spans[0])
+    else:
+        _run_pipelined(phases, spans, comm)
     _copy_out(x, gathered)
+
+
+# A chunk's shard must stay large enough that each of its messages runs near link
+# bandwidth; 8 chunks already hide all but 1/8 of the shorter phase.
+PIPELINE_MIN_CHUNK_BYTES = 2 * 2**20
+PIPELINE_MAX_CHUNKS = 8
+
+
+def pipeline_spans(shard_numel: int, element_size: int, comm: GridComm) -> list[tuple[int, int]]:
+    """Element ranges ``[start, stop)`` of each worker's shard that the torus pipelines.
+
+    One span (no pipelining) when the grid has a single row or column (one phase only),
+    on NCCL (its calls return once enqueued: the stream, not a host thread, orders them),
+    or when the shard is too small to split.
+    """
+    grid = comm.grid
+    chunks = min(PIPELINE_MAX_CHUNKS, shard_numel * element_size // PIPELINE_MIN_CHUNK_BYTES)
+    if comm.backend != "gloo" or grid.rows == 1 or grid.cols == 1 or chunks < 2:
+        return [(0, shard_numel)]
+    bounds = [shard_numel * k // chunks for k in range(chunks + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class _TorusPhases:
+    """The torus's three phases on one span of every shard (``shards``: the accumulator
+    viewed as ``cols`` rows; ``pieces``: the buffer the row all-gather fills)."""
+
+    def __init__(self, shards, pieces, comm: GridComm, transport, scale: float):
+        self.shards, self.pieces, self.comm = shards, pieces, comm
+        self.transport, self.scale = transport, scale
+
+    def reduce_scatter(self, span: tuple[int, int]) -> None:
+        if self.comm.grid.cols > 1:
+            start, stop = span
+            self.transport.reduce_scatter(self.comm.row_group,
+                                          [row[start:stop] for row in self.shards], self.comm.col)
+
+    def column_allreduce(self, span: tuple[int, int]) -> None:
+        start, stop = span
+        mine = self.shards[self.comm.col, start:stop]
+        if self.comm.grid.rows > 1:
+            self.transport.allreduce(self.comm.col_group, mine, self.scale)
+        elif self.scale != 1.0:
+            mine.mul_(self.scale)
+        target = self.pieces[self.comm.col, start:stop]
+        if target.data_ptr() != mine.data_ptr():
+            target.copy_(mine)
+
+    def allgather(self, span: tuple[int, int]) -> None:
+        if self.comm.grid.cols > 1:
+            start, stop = span
+            self.transport.allgather(self.comm.row_group,
+                                     [row[start:stop] for row in self.pieces], self.comm.col)
+
+
+class _PhaseProgress:
+    """How many spans each thread of a pipelined torus has finished, and its first error."""
+
+    def __init__(self, comm: GridComm):
+        self._changed = threading.Condition()
+        self.done = {"reduce_scatter": 0, "column_allreduce": 0}
+        self.error: BaseException | None = None
+        self._comm = comm
+
+    def finished(self, phase: str) -> None:
+        with self._changed:
+            self.done[phase] += 1
+            self._changed.notify_all()
+
+    def failed(self, error: BaseException) -> None:
+        with self._changed:
+            self.error = self.error or error
+            self._changed.notify_all()
+
+    def wait(self, phase: str, count: int) -> bool:
+        """Wait until ``count`` spans passed ``phase``; False if the other thread failed.
+        Each phase call is bounded by the collective timeout, so a wait that outlives it
+        means the other thread is stuck."""
+        with self._changed:
+            ended = self._changed.wait_for(
+                lambda: self.done[phase] >= count or self.error is not None,
+                timeout=self._comm.timeout_s + 1.0)
+            if not ended:
+                raise CollectiveTimeoutError(self._comm.col_group, self._comm.rank,
+                                             f"torus pipeline ({phase})", self._comm.timeout_s)
+            return self.done[phase] >= count
+
+
+def _run_pipelined(phases: _TorusPhases, spans: list[tuple[int, int]], comm: GridComm) -> None:
+    """Row reduce-scatter of span k+1, column all-reduce of span k and row all-gather of
+    span k-1 at once: the column phase runs on a thread of its own (the row and column
+    groups are independent gloo groups), the row phases stay on this thread in a fixed
+    order (RS0, RS1, AG0, RS2, AG1, ...) so every rank issues the row group's operations
+    in the same sequence."""
+    progress = _PhaseProgress(comm)
+
+    def column_thread() -> None:
+        try:
+            for index, span in enumerate(spans):
+                if not progress.wait("reduce_scatter", index + 1):
+                    return
+                phases.column_allreduce(span)
+                progress.finished("column_allreduce")
+        except BaseException as exc:  # noqa: BLE001 - handed to the row thread
+            progress.failed(exc)
+
+    helper = threading.Thread(target=column_thread, name="torus-column", daemon=True)
+    helper.start()
+    try:
+        for index, span in enumerate(spans):
+            phases.reduce_scatter(span)
+            progress.finished("reduce_scatter")
+            if index > 0:
+                _gather_when_reduced(phases, progress, spans, index - 1)
+        _gather_when_reduced(phases, progress, spans, len(spans) - 1)
+    except BaseException as exc:
+        progress.failed(exc)
+        raise
+    finally:
+        helper.join(comm.timeout_s + 2.0)
+    if progress.error is not None:
+        raise progress.error
+
+
+def _gather_when_reduced(phases, progress: _PhaseProgress, spans, index: int) -> None:
+    if not progress.wait("column_allreduce", index + 1):
+        raise progress.error
+    phases.allgather(spans[index])
 
 
 def _flat(x, acc, comm, transport, wire_dtype, scale) -> None:
@@ -276,7 +415,7 @@ def _working_buffer(x: torch.Tensor, acc_dtype: torch.dtype, parts: int) -> torc
     numel = ring.padded_numel(x.numel(), parts)
     if x.dtype == acc_dtype and numel == x.numel():
         return x
-    acc = torch.zeros(numel, dtype=acc_dtype)
+    acc = torch.zeros(numel, dtype=acc_dtype, device=x.device)
     acc[: x.numel()].copy_(x)
     return acc
 
@@ -309,8 +448,8 @@ def allreduce_(tensor: torch.Tensor, comm: GridComm, algorithm: str = "torus",
 
 @contextlib.contextmanager
 def _deadline(comm: GridComm):
-    """One deadline for every step of a call on the gloo backend (NCCL has none)."""
-    if comm.backend != "gloo":
+    """One deadline for every step of a call on flashtrain's backends (Ray's NCCL has none)."""
+    if comm.backend not in ("gloo", "nccl"):
         yield
         return
     from ray.util.collective.collective import get_group_handle
@@ -318,6 +457,6 @@ def _deadline(comm: GridComm):
     with contextlib.ExitStack() as stack:
         for name in comm.group_names:
             handle = get_group_handle(name)
-            if isinstance(handle, gloo_backend.FlashGlooGroup):
+            if isinstance(handle, group_base.IndependentGroup):
                 stack.enter_context(handle.deadline(comm.timeout_s))
         yield

@@ -7,6 +7,7 @@ while a bucket stays large enough to run at link bandwidth.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,11 @@ def _make_bucket(params: list[torch.nn.Parameter]) -> Bucket:
 class GradientSynchronizer:
     """All-reduce the ``.grad`` of ``params`` across the grid, bucket by bucket, in place.
 
+    Buckets are planned in reverse parameter order, the order in which the backward pass
+    produces gradients (as DDP does): the overlapped synchronizer
+    (:mod:`flashtrain.collective.overlap`) starts the first bucket early in the backward,
+    and uses the same buckets as this one, so both give bit-identical updates.
+
     A parameter without a gradient contributes zeros; after :meth:`sync` it holds the
     reduced gradient like the others, so every replica steps the same way.
     """
@@ -69,14 +75,29 @@ class GradientSynchronizer:
         self.comm = comm
         self.algorithm = algorithm
         self.comm_dtype = comm_dtype
-        self.buckets = plan_buckets(list(params), bucket_bytes)
+        self.buckets = plan_buckets(list(params)[::-1], bucket_bytes)
+        self.comm_seconds = 0.0  # wall time of the last step's bucket all-reduces
+
+    def begin(self, op: str = "sum") -> None:
+        """Before the backward: nothing to do here (everything happens in :meth:`sync`)."""
+
+    def cancel(self) -> None:
+        """The backward failed: nothing is in flight here."""
+
+    def close(self) -> None:
+        """Leaving the grid: nothing to release here."""
 
     def sync(self, op: str = "sum") -> None:
         """Reduce every gradient (``op``: ``"sum"`` or ``"mean"`` over the workers)."""
+        began = time.perf_counter()
         for bucket in self.buckets:
-            self._pack(bucket)
-            allreduce_(bucket.buffer, self.comm, self.algorithm, op, self.comm_dtype)
-            self._unpack(bucket)
+            self._reduce_bucket(bucket, op)
+        self.comm_seconds = time.perf_counter() - began
+
+    def _reduce_bucket(self, bucket: Bucket, op: str) -> None:
+        self._pack(bucket)
+        allreduce_(bucket.buffer, self.comm, self.algorithm, op, self.comm_dtype)
+        self._unpack(bucket)
 
     @staticmethod
     def _pack(bucket: Bucket) -> None:

@@ -30,7 +30,7 @@ def ring_reduce_scatter(group, chunks: list[torch.Tensor], wire_dtype: torch.dty
     if n == 1:
         return
     right, left = (rank + 1) % n, (rank - 1) % n
-    inbox = torch.empty(chunks[0].numel(), dtype=wire_dtype)
+    inbox = torch.empty(chunks[0].numel(), dtype=wire_dtype, device=chunks[0].device)
     for step in range(n - 1):
         outgoing = chunks[(rank - step - 1) % n].to(wire_dtype).contiguous()
         group.exchange(outgoing, right, inbox, left)
@@ -52,11 +52,11 @@ def ring_allreduce(group, acc: torch.Tensor, wire_dtype: torch.dtype, scale: flo
     """
     n, numel = group.world_size, acc.numel()
     chunk = padded_numel(numel, n) // n
-    work = torch.zeros(n, chunk, dtype=acc.dtype)
+    work = torch.zeros(n, chunk, dtype=acc.dtype, device=acc.device)
     work.view(-1)[:numel].copy_(acc)
     accs = list(work.unbind(0))
     ring_reduce_scatter(group, accs, wire_dtype)
-    gathered = torch.empty(n, chunk, dtype=wire_dtype)
+    gathered = torch.empty(n, chunk, dtype=wire_dtype, device=acc.device)
     mine = accs[group.rank]
     gathered[group.rank].copy_(mine.mul_(scale) if scale != 1.0 else mine)
     if n > 1:
@@ -75,7 +75,7 @@ def gather_reduce(group, acc: torch.Tensor, wire_dtype: torch.dtype, root: int =
     if group.rank != root:
         group.send_tensor(acc.to(wire_dtype).contiguous(), root)
         return
-    inbox = torch.empty(acc.numel(), dtype=wire_dtype)
+    inbox = torch.empty(acc.numel(), dtype=wire_dtype, device=acc.device)
     for src in range(group.world_size):
         if src != root:
             group.recv_tensor(inbox, src)

@@ -299,6 +299,10 @@ class Trainer:
                       images_per_sec=samples / seconds if seconds > 0 else 0.0, grid=grid,
                       generation=self.controller.state.generation, step_seconds=seconds,
                       sync_seconds=max(r.sync_s for r in results),
+                      # The slowest rank's split of the step (see StepResult).
+                      compute_seconds=max(r.compute_s for r in results),
+                      comm_exposed_seconds=max(r.comm_exposed_s for r in results),
+                      data_wait_seconds=max(r.data_wait_s for r in results),
                       train_acc=sum(r.correct for r in results) / max(samples, 1))
         if plan.global_step % self.config.runtime.log_every_steps == 0 or plan.end_of_epoch:
             self.metrics.step(**record)

@@ -97,8 +97,37 @@ def _batch_lr_plot(steps: list, reforms: list, path: Path) -> Path:
     return _save(figure, path)
 
 
+_SPLIT_PARTS = (("compute_seconds", "compute (forward, backward, optimizer)", "tab:blue"),
+                ("comm_exposed_seconds", "exposed communication", "tab:red"),
+                ("data_wait_seconds", "data wait", "tab:gray"))
+
+
+def _step_split_plot(steps: list, path: Path) -> Path:
+    """Per step, the slowest worker's compute, exposed communication (the wait for the
+    gradient all-reduce after the backward) and data wait, stacked."""
+    figure = Figure(figsize=(7, 4))
+    axes = figure.add_subplot()
+    split = [r for r in steps if all(isinstance(r.get(key), (int, float))
+                                     for key, _, _ in _SPLIT_PARTS)]
+    if split:
+        x = [r["step"] for r in split]
+        bottom = [0.0] * len(split)
+        for key, label, color in _SPLIT_PARTS:
+            heights = [r[key] for r in split]
+            axes.bar(x, heights, bottom=bottom, width=1.0, color=color, label=label)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        step_x, step_s = _series(split, "step", "step_seconds")
+        axes.plot(step_x, step_s, color="black", linewidth=1, label="step (driver)")
+        axes.legend(loc="upper right", fontsize=8)
+    else:
+        _no_data(axes, "step splits")
+    axes.set(xlabel="global step", ylabel="seconds", title="Where each step's time goes")
+    return _save(figure, path)
+
+
 def write_plots(run_dir: Path | str) -> list[Path]:
-    """Write ``loss.png``, ``top1.png`` and ``batch_lr.png`` into ``run_dir`` from its
+    """Write ``loss.png``, ``top1.png``, ``batch_lr.png`` and ``step_split.png`` into
+    ``run_dir`` from its
     ``metrics.jsonl`` (re-forms drawn as vertical lines); returns the written paths.
     Works on a run with no steps or no epochs yet (the plot then says so)."""
     run_dir = Path(run_dir)
@@ -109,4 +138,5 @@ def write_plots(run_dir: Path | str) -> list[Path]:
         _loss_plot(steps, reforms, run_dir / "loss.png"),
         _top1_plot(epochs, reforms, run_dir / "top1.png"),
         _batch_lr_plot(steps, reforms, run_dir / "batch_lr.png"),
+        _step_split_plot(steps, run_dir / "step_split.png"),
     ]

@@ -49,6 +49,11 @@ class StepResult:
     compute_s: float
     sync_s: float
     skipped: tuple[SkippedSample, ...] = ()  # this rank's samples whose image would not decode
+    # The step's split: waiting for this rank's batch; waiting after the backward for the
+    # gradient all-reduce (what overlapping with the backward did not hide). ``compute_s``
+    # is forward, backward and optimizer; ``sync_s`` the collectives' own time.
+    data_wait_s: float = 0.0
+    comm_exposed_s: float = 0.0
 
 
 class Worker:
@@ -90,7 +95,9 @@ class Worker:
                                          rendezvous_timeout_s=max(4 * c.timeout_s, 30.0),
                                          backend="nccl" if self._config.grid.use_gpu else "gloo")
         self.grid, self.rank = grid, rank
-        self._sync = collective.GradientSynchronizer(
+        synchronizer = (collective.OverlappedSynchronizer if c.overlap
+                        else collective.GradientSynchronizer)
+        self._sync = synchronizer(
             [p for p in self.model.parameters() if p.requires_grad], self.comm, c.algorithm,
             bucket_bytes=int(c.bucket_mb * 2**20), comm_dtype=_COMM_DTYPES[c.comm_dtype])
         self._batches = None
@@ -98,6 +105,8 @@ class Worker:
 
     def leave(self) -> None:
         """Leave the current grid's groups (safe after a peer died)."""
+        if self._sync is not None:
+            self._sync.close()  # hooks off; a bucket still in flight is aborted
         if self.comm is not None:
             collective.leave_grid(self.comm)
         self.comm, self._sync, self._batches = None, None, None
@@ -129,24 +138,35 @@ class Worker:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         loss_sum, correct = 0.0, 0
-        if len(labels):
-            with torch.autocast(self.device.type, dtype=self._amp_dtype() or torch.float32,
-                                enabled=self._amp_dtype() is not None):
-                logits = self.model(images)
-                loss = F.cross_entropy(logits.float(), labels,
-                                       label_smoothing=self._config.schedule.label_smoothing)
-            # Weight b_r / B: summing the weighted local means over workers gives the mean
-            # over the global batch, however unevenly it was split.
-            self.scaler.scale(loss * (len(labels) / plan.batch)).backward()
-            loss_sum = float(loss.detach()) * len(labels)
-            correct = int((logits.argmax(1) == labels).sum())
+        data_ready = time.perf_counter()
+        try:
+            # With collective.overlap each bucket's all-reduce starts in the backward.
+            self._sync.begin(op="sum")
+            if len(labels):
+                with torch.autocast(self.device.type, dtype=self._amp_dtype() or torch.float32,
+                                    enabled=self._amp_dtype() is not None):
+                    logits = self.model(images)
+                    loss = F.cross_entropy(logits.float(), labels,
+                                           label_smoothing=self._config.schedule.label_smoothing)
+                # Weight b_r / B: summing the weighted local means over workers gives the
+                # mean over the global batch, however unevenly it was split.
+                self.scaler.scale(loss * (len(labels) / plan.batch)).backward()
+                loss_sum = float(loss.detach()) * len(labels)
+                correct = int((logits.argmax(1) == labels).sum())
+        except collective.CollectiveError:
+            self.leave()  # a bucket's all-reduce failed in the backward: as after sync below
+            raise
+        except BaseException:
+            self._sync.cancel()
+            raise
         for param in self.model.parameters():
             if param.requires_grad and param.grad is None:  # an empty share still syncs zeros
                 param.grad = torch.zeros_like(param)
         computed = time.perf_counter()
         self._maybe_die("allreduce", plan.global_step)
         try:
-            self._sync.sync(op="sum")
+            with collective.SyncClock(self.device) as exposed:
+                self._sync.sync(op="sum")
         except Exception:
             # Tear this worker's groups down at once: closing its connections fails the
             # peers still waiting on it, so a death ripples through the grid in
@@ -158,8 +178,11 @@ class Worker:
             group["lr"] = plan.lr
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        stepped = time.perf_counter()
         return StepResult(plan.global_step, self.rank, len(labels), loss_sum, correct,
-                          computed - started, synced - computed, skipped=self._step_skipped)
+                          compute_s=(computed - data_ready) + (stepped - synced),
+                          sync_s=self._sync.comm_seconds, skipped=self._step_skipped,
+                          data_wait_s=data_ready - started, comm_exposed_s=exposed.seconds)
 
     def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's samples of ``plan``; the data stream is rebuilt from the plan's

@@ -251,3 +251,41 @@ def test_gradient_synchronizer_matches_float64_sum(pool):
         for got, want in zip(after, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert any(bool(want.abs().sum() > 0) for want in expected)
+
+
+# fp32, 2 or 3 columns: each worker's shard spans several pipeline chunks (asserted below).
+PIPELINED_NUMEL = 3_000_001
+
+
+def test_pipelined_torus_matches_float64_sum(pool):
+    """The torus pipelined over chunks (row reduce-scatter, column all-reduce and row
+    all-gather of successive chunks at once) against the float64 sum of every rank's
+    input, on grids whose three phases all run; the ranks agree bit for bit."""
+    from flashtrain.collective.allreduce import GridComm, pipeline_spans
+
+    for generation, grid in ((50, Grid(2, 2)), (51, Grid(2, 3))):
+        probe = GridComm(grid, 0, generation, "gloo", TIMEOUT_S, "row", "col", "world")
+        assert len(pipeline_spans(-(-PIPELINED_NUMEL // grid.cols), 4, probe)) >= 2
+        members = form(pool, grid, generation)
+        cases = [(700, PIPELINED_NUMEL, torch.float32, "torus", "sum", None),
+                 (701, PIPELINED_NUMEL, torch.float32, "torus", "mean", torch.bfloat16)]
+        outputs = ray.get([m.run_cases.remote(cases) for m in members], timeout=300)
+        check_results(outputs, cases, grid.num_workers)
+        disband(members)
+
+
+def test_hung_peer_ends_a_pipelined_torus_with_named_error(pool):
+    """A member missing from a pipelined torus: every other rank's call (row thread or
+    column thread, whichever waits on it) raises CollectiveTimeoutError within the
+    timeout, and the pool forms again afterwards."""
+    grid = Grid(2, 2)
+    members = form(pool, grid, generation=52)
+    try:
+        reports = ray.get([m.try_allreduce.remote(PIPELINED_NUMEL) for m in members[:3]],
+                          timeout=120)
+    finally:
+        disband(members)
+    for report in reports:
+        assert not report["ok"], report
+        assert report["elapsed"] < TIMEOUT_S + 3.0, report
+        assert "@g52" in report["group"], report

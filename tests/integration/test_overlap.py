@@ -1,0 +1,165 @@
+"""Gradient all-reduce overlapped with the backward pass, on real Ray actors: the same
+update as the plain synchronizer bit for bit, and failures that reach the step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from flashtrain.topology import Grid
+
+ray = pytest.importorskip("ray")
+
+NUM_STEPS = 3
+BATCH = 4
+
+
+def build_model():
+    """A real torchvision ResNet-18 (small images keep it quick) plus a parameter that
+    never gets a gradient: its bucket is only launched after the backward."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
+    return model
+
+
+@ray.remote(num_cpus=0.25, concurrency_groups={"control": 1})
+class Replica:
+    """One grid cell that trains a model with either synchronizer."""
+
+    def __init__(self, grid: Grid, rank: int, generation: int, timeout_s: float = 60.0):
+        torch.set_num_threads(1)
+        from flashtrain.collective import join_grid, register
+
+        register()
+        self.rank = rank
+        self.comm = join_grid(grid, rank, generation, timeout_s=timeout_s,
+                              rendezvous_timeout_s=120.0, prefix="overlap-")
+        self.sync = None
+
+    def train(self, overlap: bool, algorithm: str, bucket_bytes: int,
+              empty_share_at: int | None = None) -> dict:
+        """``NUM_STEPS`` SGD steps on seeded data; rank 1 trains nothing at step
+        ``empty_share_at`` (a tail step whose share is empty). Returns the parameters."""
+        from flashtrain.collective import GradientSynchronizer, OverlappedSynchronizer
+
+        model = build_model()
+        params = list(model.parameters())
+        kind = OverlappedSynchronizer if overlap else GradientSynchronizer
+        self.sync = kind(params, self.comm, algorithm, bucket_bytes=bucket_bytes)
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        for step in range(NUM_STEPS):
+            generator = torch.Generator().manual_seed(1000 * step + self.rank)
+            images = torch.randn(BATCH, 3, 16, 16, generator=generator)
+            labels = torch.randint(0, 5, (BATCH,), generator=generator)
+            optimizer.zero_grad(set_to_none=False)
+            self.sync.begin("sum")
+            if not (step == empty_share_at and self.rank == 1):
+                torch.nn.functional.cross_entropy(model(images), labels).backward()
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            self.sync.sync("sum")
+            optimizer.step()
+        self.sync.close()
+        return {"params": [p.detach().clone() for p in params],
+                "num_buckets": len(self.sync.buckets)}
+
+    def step_then_report(self) -> dict:
+        """One overlapped step whose peer never comes: what the step raised, and when."""
+        from flashtrain.collective import CollectiveError, OverlappedSynchronizer, leave_grid
+
+        model = build_model()
+        self.sync = OverlappedSynchronizer(list(model.parameters()), self.comm, "torus",
+                                           bucket_bytes=2**20)
+        began = time.monotonic()
+        images = torch.randn(BATCH, 3, 16, 16)
+        try:
+            self.sync.begin("sum")
+            torch.nn.functional.cross_entropy(model(images), torch.zeros(BATCH).long()).backward()
+            self.sync.sync("sum")
+            return {"raised": None}
+        except CollectiveError as err:
+            return {"raised": type(err).__name__, "message": str(err),
+                    "elapsed": time.monotonic() - began}
+        finally:
+            self.sync.close()
+            leave_grid(self.comm)
+
+    @ray.method(concurrency_group="control")
+    def in_flight(self) -> bool:
+        return self.sync is not None and self.sync.in_flight
+
+    @ray.method(concurrency_group="control")
+    def abort(self) -> int:
+        from flashtrain.collective import abort_grid
+
+        return abort_grid(self.comm, "a member died (test)")
+
+
+def train_both_ways(grid: Grid, generation: int, algorithm: str, bucket_bytes: int,
+                    empty_share_at: int | None) -> tuple[list, list]:
+    replicas = [Replica.remote(grid, rank, generation) for rank in range(grid.num_workers)]
+    try:
+        runs = {}
+        for overlap in (False, True):
+            runs[overlap] = ray.get([r.train.remote(overlap, algorithm, bucket_bytes,
+                                                    empty_share_at) for r in replicas],
+                                    timeout=600)
+    finally:
+        for replica in replicas:
+            ray.kill(replica)
+    return runs[False], runs[True]
+
+
+@pytest.mark.parametrize("algorithm", ["torus", "flat"])
+def test_overlapped_update_is_bit_identical(ray_session, algorithm):
+    """Same seeds, same buckets, three steps (one with an empty share on rank 1): the
+    parameters after the overlapped run equal the plain run's exactly, on every rank."""
+    plain, overlapped = train_both_ways(Grid(1, 2), generation=1 if algorithm == "torus" else 2,
+                                        algorithm=algorithm, bucket_bytes=2**20,
+                                        empty_share_at=1)
+    assert overlapped[0]["num_buckets"] > 5  # several buckets, so the order matters
+    for rank in range(2):
+        for got, want in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
+            assert torch.equal(got, want)
+    for got, want in zip(overlapped[1]["params"], overlapped[0]["params"], strict=True):
+        assert torch.equal(got, want)  # the replicas agree
+    initial = list(build_model().parameters())
+    assert torch.equal(overlapped[0]["params"][0], initial[0].detach())  # "unused": no grad
+    assert not torch.equal(overlapped[0]["params"][1], initial[1].detach())  # conv1 trained
+
+
+def test_overlapped_update_is_bit_identical_on_a_torus_2x2(ray_session):
+    plain, overlapped = train_both_ways(Grid(2, 2), generation=3, algorithm="torus",
+                                        bucket_bytes=4 * 2**20, empty_share_at=None)
+    for rank in range(4):
+        for got, want in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
+            assert torch.equal(got, want)
+
+
+def test_abort_reaches_the_step_while_buckets_are_in_flight(ray_session):
+    """The peer never trains: the first bucket's all-reduce blocks on the communication
+    thread; an out-of-band abort makes the step raise CollectiveAbortedError long before
+    the 60 s collective timeout, and the thread lets go of the grid."""
+    grid = Grid(1, 2)
+    replicas = [Replica.remote(grid, rank, 4) for rank in range(2)]
+    try:
+        ray.get([r.in_flight.remote() for r in replicas], timeout=300)  # both have joined
+        pending = replicas[0].step_then_report.remote()
+        deadline = time.monotonic() + 300
+        while not ray.get(replicas[0].in_flight.remote(), timeout=60):
+            assert time.monotonic() < deadline, "the step never started its all-reduce"
+            time.sleep(0.05)
+        assert ray.get(replicas[0].abort.remote(), timeout=60) == 3
+        report = ray.get(pending, timeout=120)
+    finally:
+        for replica in replicas:
+            ray.kill(replica)
+    assert report["raised"] == "CollectiveAbortedError", report
+    assert "a member died (test)" in report["message"]
+    assert report["elapsed"] < 50.0, report
