@@ -1,0 +1,111 @@
+"""The batch-scheduler launcher end to end on this machine (``--dry-run``): two Ray nodes
+started by the node agents, the training job on them, Ray stopped on both; and a host that
+never joins: a bounded wait, a message naming it, a non-zero exit, Ray stopped.
+
+Every Ray process of a launch inherits ``RAY_AUTH_TOKEN_PATH=<shared dir>/auth_token``
+from its node agent, which tells this launch's processes apart from other Ray instances on
+the machine: the tests look for leftovers by it, and stop them even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NEVER_JOINS = "node-never"
+# A remote exec where one host hangs like an ssh to a dead node; the others run locally.
+HANGING_HOST_EXEC = (f"bash -c 'if [ \"$1\" = {NEVER_JOINS} ]; then exec sleep 987; fi; "
+                     "exec bash -c \"$2\"' remote-exec {host} {command}")
+
+
+def launch_processes(share_dir: Path) -> list[int]:
+    """Pids of live processes that belong to the launch whose shared dir is ``share_dir``."""
+    marker = f"RAY_AUTH_TOKEN_PATH={share_dir / 'auth_token'}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def wait_until_gone(share_dir: Path, deadline_s: float) -> list[int]:
+    deadline = time.monotonic() + deadline_s
+    while (left := launch_processes(share_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)  # processes that are exiting; bounded by the deadline
+    return left
+
+
+@pytest.fixture
+def share_dir(tmp_path):
+    """The launch's shared directory; afterwards, whatever happened, its nodes are stopped."""
+    share = tmp_path / "launch"
+    yield share
+    for host in ("node-0", "node-1", NEVER_JOINS):
+        if (share / "nodes").is_dir():
+            (share / "nodes" / f"{host}.stop").touch()
+    for pid in wait_until_gone(share, deadline_s=30):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_launcher(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    return subprocess.run([sys.executable, "-m", "flashtrain.launch", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_dry_run_trains_on_two_launched_nodes_and_stops_them(share_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_launcher(
+        ["--dry-run", "--share-dir", str(share_dir), "--cpus-per-node", "2",
+         "--join-timeout", "240", "--stop-timeout", "30", "--",
+         "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(run_dir),
+         "--data-cache", str(tmp_path / "cache"),
+         # four workers of one CPU each: the grid needs both nodes' CPUs
+         "--set", "grid.cpus_per_worker=1", "--set", "runtime.max_steps=6",
+         "--set", "collective.timeout_s=120"],
+        timeout_s=540)
+    output = result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output
+    assert "all 2 node(s) joined the cluster" in result.stderr, output
+    assert "Ray stopped on every host" in result.stderr, output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("final_top1", "final_top5", "epochs", "global_steps", "images_per_sec",
+                "wall_seconds", "dataset_train_size", "samples_per_epoch", "skipped_files",
+                "reforms"):
+        assert key in summary, key
+    assert summary["global_steps"] == 6
+    assert not launch_processes(share_dir), "Ray processes of the launch are still running"
+    assert oct((share_dir / "auth_token").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_host_that_never_joins_stops_the_launch(share_dir, tmp_path):
+    result = run_launcher(
+        ["--dry-run", "--hosts", f"node-0,{NEVER_JOINS}", "--remote-exec", HANGING_HOST_EXEC,
+         "--share-dir", str(share_dir), "--join-timeout", "45", "--stop-timeout", "15", "--",
+         "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(tmp_path / "run")],
+        timeout_s=300)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "did not join" in result.stderr or "did not start" in result.stderr, result.stderr
+    missing_line = next(line for line in result.stderr.splitlines() if "within 45s" in line)
+    assert NEVER_JOINS in missing_line
+    assert "Ray stopped on every host" in result.stderr
+    assert not (tmp_path / "run").exists(), "the job must not run on a partial cluster"
+    assert not launch_processes(share_dir), "Ray processes of the launch are still running"
+    hung = subprocess.run(["pgrep", "-f", "sleep 987"], capture_output=True, text=True)
+    assert hung.stdout == "", "the hung remote exec was not ended"
