@@ -122,9 +122,11 @@ def check_data(data_cfg: DataConfig) -> None:
 
 
 def check_before_start(config: FlashtrainConfig) -> None:
-    """Every check that needs no cluster: the model name, then the data."""
+    """Every check that needs no cluster: the model name, the data, the GPU install."""
     check_model(config.model.name)
     check_data(config.data)
+    if config.grid.use_gpu:
+        check_gpu_install(config.collective.gpu_backend)
 
 
 # --------------------------------------------------------------------------- cluster size
@@ -199,11 +201,11 @@ def gpu_collectives_problem(gpu_backend: str) -> str | None:
         return (f"grid.use_gpu=true, but {build} was built without NCCL: install a CUDA "
                 "build of torch (pip install torch==2.14.1), or set grid.use_gpu=false")
     if gpu_backend == "ray_nccl":
-        return _ray_nccl_problem(build)
+        return ray_nccl_problem(build)
     return None
 
 
-def _ray_nccl_problem(build: str) -> str | None:
+def ray_nccl_problem(build: str) -> str | None:
     """Ray registers its NCCL backend only if cupy imports; say so instead of Ray's
     "Backend NCCL not registered"."""
     wanted = f"cupy-cuda{(torch_cuda_major() or 13)}x"
@@ -228,6 +230,27 @@ def torch_cuda_major() -> int | None:
     import torch
 
     return int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+
+
+def check_gpu_install(gpu_backend: str) -> None:
+    """What the driver can check of a GPU job without a GPU of its own (its node may have
+    none): torch was built with NCCL, and cupy is installed for ``ray_nccl``. The device
+    itself is checked by each worker as it joins (:func:`check_gpu_collectives`)."""
+    import importlib.util
+
+    import torch
+    import torch.distributed as dist
+
+    build = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+    if not (dist.is_available() and dist.is_nccl_available()):
+        raise PreflightError(f"grid.use_gpu=true, but {build} was built without NCCL: install a "
+                             "CUDA build of torch (pip install torch==2.14.1), or set "
+                             "grid.use_gpu=false")
+    if gpu_backend == "ray_nccl" and importlib.util.find_spec("cupy") is None:
+        raise PreflightError(f"collective.gpu_backend=ray_nccl needs cupy, which is not "
+                             f"installed: pip install 'flashtrain[gpu]' "
+                             f"(cupy-cuda{torch_cuda_major() or 13}x, matching {build}), or "
+                             "set collective.gpu_backend=flashtrain (no cupy needed)")
 
 
 def check_gpu_collectives(gpu_backend: str) -> None:

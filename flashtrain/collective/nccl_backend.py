@@ -177,7 +177,7 @@ class FlashNcclGroup(IndependentGroup):
             self._wakers.add(wake)
         pause = POLL_FIRST_S
         try:
-            while not work.is_completed():
+            while not self._completed(op, work):
                 if self._abort_reason is not None:
                     raise CollectiveAbortedError(self.group_name, self.rank, op,
                                                  self._abort_reason)
@@ -194,6 +194,10 @@ class FlashNcclGroup(IndependentGroup):
             work.wait()  # raises the operation's error; orders the current stream after it
         except Exception as exc:  # noqa: BLE001 - mapped to the typed errors
             self._raise_failed(op, exc)
+
+    def _completed(self, op: str, work) -> bool:
+        """Whether ``work`` has finished (a CUDA event query: never blocks)."""
+        return work.is_completed()
 
     def _give_up(self, reason: str) -> None:
         """A timed-out operation leaves the communicator unusable: abort it, and fail
@@ -243,7 +247,11 @@ class FlashNcclGroup(IndependentGroup):
             self._rendezvous.withdraw()
         self._interrupt()
         with self._comm_lock:
-            self._pg = None
+            holder, self._pg = [self._pg], None
+        # The last reference goes on a thread: a process group's destructor may wait for
+        # an operation that was abandoned (and is bounded only by its own timeout).
+        threading.Thread(target=holder.clear, name=f"nccl-release-{self.group_name}",
+                         daemon=True).start()
         self._store = None
 
     # ----------------------------------------------------------- collectives
@@ -282,3 +290,13 @@ class FlashNcclGroup(IndependentGroup):
             return self._pg.reduce_scatter([out], [list(inputs)], opts)
 
         self._run("reducescatter", start)
+
+    # ----------------------------------------------------------- point to point
+
+    def send(self, tensor, send_options) -> None:
+        t, dst = self._one(tensor), int(send_options.dst_rank)
+        self._run("send", lambda timeout: self._pg.send([t], dst, 0))
+
+    def recv(self, tensor, recv_options) -> None:
+        t, src = self._one(tensor), int(recv_options.src_rank)
+        self._run("recv", lambda timeout: self._pg.recv([t], src, 0))

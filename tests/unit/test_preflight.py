@@ -172,3 +172,59 @@ def test_an_explicit_address_that_does_not_answer_stops():
 
 def test_local_needs_no_probe():
     assert choose_address(RuntimeConfig(ray_address="local"), env_address="127.0.0.1:1") == "local"
+
+
+# ------------------------------------------------------------------ GPU (on this CPU host)
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_cuda_present(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("backend", ["flashtrain", "ray_nccl"])
+def test_a_worker_without_cuda_is_told_the_fix(backend):
+    from flashtrain.preflight import check_gpu_collectives
+
+    with pytest.raises(PreflightError) as err:
+        check_gpu_collectives(backend)
+    message = str(err.value)
+    assert "no CUDA device" in message and "grid.use_gpu=false" in message
+    assert "Backend NCCL not registered" not in message
+
+
+def test_ray_nccl_without_cupy_names_the_matching_build():
+    import importlib.util
+
+    import torch
+
+    from flashtrain.preflight import ray_nccl_problem, torch_cuda_major
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed here")
+    message = ray_nccl_problem("torch (test)")
+    assert f"cupy-cuda{torch_cuda_major()}x" in message
+    assert "flashtrain[gpu]" in message and "collective.gpu_backend=flashtrain" in message
+    assert torch_cuda_major() == int(torch.version.cuda.split(".")[0])
+
+
+def test_the_driver_checks_the_gpu_install_before_starting():
+    import importlib.util
+
+    from flashtrain.preflight import check_before_start
+
+    gpu = ["grid.use_gpu=true", "model.name=tiny_cnn", "data.source=synthetic"]
+    check_before_start(load_config(None, gpu))  # a CUDA build of torch has NCCL
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(PreflightError, match="cupy"):
+            check_before_start(load_config(None, [*gpu, "collective.gpu_backend=ray_nccl"]))
+
+
+def test_the_gpu_backend_is_checked_by_the_config():
+    from flashtrain.config import ConfigError
+
+    assert load_config(None, []).collective.gpu_backend == "flashtrain"
+    with pytest.raises(ConfigError, match="gpu_backend"):
+        load_config(None, ["collective.gpu_backend=cupy"])
