@@ -119,7 +119,7 @@ def loss_figure(steps: list, reforms: list, span: tuple[float, float] | None = N
     axes.set(xlabel="time since the run started (s)", ylabel="training loss",
              title="Training loss against time", xlim=span)
     if times or reforms:
-        axes.legend(loc="upper right")
+        axes.legend(loc="best")
     return ReportFigure("loss", "Training loss of every recorded step against wall time; "
                         "dashed lines are grid re-forms.", _png(figure))
 
@@ -142,7 +142,7 @@ def top1_figure(epochs: list, reforms: list, span: tuple[float, float] | None = 
     axes.set(xlabel="time since the run started (s)", ylabel="accuracy (%)",
              title="Validation accuracy against time", xlim=span)
     if times or reforms:
-        axes.legend(loc="lower right")
+        axes.legend(loc="best")
     return ReportFigure("top1", "Validation top-1 (and top-5) at the end of each epoch "
                         "against wall time.", _png(figure))
 
@@ -208,7 +208,7 @@ def grid_figure(records: list[dict[str, Any]], reforms: list,
     axes.set(xlabel="time since the run started (s)", ylabel="workers",
              title="Grid size against time (re-forms: cause, recovery time)", xlim=span)
     if times or reforms:
-        axes.legend(loc="lower left")
+        axes.legend(loc="best")
     return ReportFigure("grid", "Number of workers in the grid against wall time, each "
                         "grid labelled with its shape; each re-form is marked with its cause "
                         "and the time from the failure to the next completed step.",
@@ -236,7 +236,8 @@ def step_time_figure(steps: list[dict[str, Any]]) -> ReportFigure:
         if totals:
             axes.plot(total_steps, totals, color="black", linewidth=0.8, label="step wall time")
         caption = ("Per step: compute, exposed (not overlapped) communication and data wait "
-                   "stacked; the black line is the step's wall time on the driver.")
+                   "stacked, each the slowest worker's (so the stack can exceed the step); the "
+                   "black line is the step's wall time on the driver.")
     else:
         total_steps, totals = series(ordered, "step", "step_seconds")
         sync_steps, syncs = series(ordered, "step", "sync_seconds")
@@ -253,7 +254,7 @@ def step_time_figure(steps: list[dict[str, Any]]) -> ReportFigure:
                    "communication / data-wait split).")
     axes.set(xlabel="global step", ylabel="seconds", title="Where each step's time went")
     if axes.get_legend_handles_labels()[0]:
-        axes.legend(loc="upper right", fontsize=8)
+        axes.legend(loc="best", fontsize=8)
     return ReportFigure("step_time", caption, _png(figure))
 
 
