@@ -66,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, ...)")
     parser.add_argument("--variants", help="comma-separated subset, e.g. small,control+ls "
                         "(default: all six)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more job override for every run, as the job's --set takes it "
+                        "(repeatable; applied after the sweep's own)")
     parser.add_argument("--runs-dir", help="keep every run directory here (default: a temporary "
                         "folder removed at the end)")
     parser.add_argument("--plot", default="recipe.png", help="PNG to write (default %(default)s)")
@@ -103,6 +106,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--warmup-epochs must be shorter than --epochs")
     if args.runs_dir and Path(args.runs_dir).is_dir() and any(Path(args.runs_dir).iterdir()):
         parser.error(f"--runs-dir {args.runs_dir} is not empty: choose a new folder")
+    from flashtrain.config import ConfigError, load_config
+
+    try:
+        load_config(None, overrides(args.variant_list[0], 0, args))
+    except ConfigError as err:
+        parser.error(str(err))
     if args.data and not (Path(args.data) / "train").is_dir():
         parser.error(f"--data {args.data}: no train/ folder inside (expected train/<class>/* "
                      "and val/<class>/*)")
@@ -132,6 +141,7 @@ def overrides(variant: Variant, seed: int, args: argparse.Namespace) -> list[str
         "schedule.decay=cosine", f"schedule.label_smoothing={variant.label_smoothing}",
         # Checkpoints and commits cost time and change nothing the sweep measures.
         "checkpoint.every_steps=100000", "elastic.commit_every_steps=100000",
+        *args.extra,
     ]
 
 
