@@ -24,6 +24,7 @@ from flashtrain.train.metrics import METRICS_FILE, SUMMARY_FILE, read_metrics, r
 
 REPORT_FILE = "report.html"
 CONFIG_FILE = "config.yaml"
+RESUMED_CONFIG_FILE = "config.resumed.yaml"  # what a --resume ran with, if it differs
 ERROR_FILE = "error.log"
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
 EXIT_BAD_RUN_DIR = 2
@@ -40,6 +41,7 @@ class RunRecord:
 
     run_dir: Path
     config_text: str | None = None
+    resumed_config_text: str | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     error_tail: str | None = None
@@ -101,6 +103,9 @@ def read_run(run_dir: Path | str) -> RunRecord:
         run.config_text = config.read_text(encoding="utf-8", errors="replace")
     else:
         run.notes[CONFIG_FILE] = "missing"
+    resumed = path / RESUMED_CONFIG_FILE
+    if resumed.is_file():
+        run.resumed_config_text = resumed.read_text(encoding="utf-8", errors="replace")
     if (path / METRICS_FILE).is_file():
         run.records = read_metrics(path)
         if not run.records:
@@ -218,6 +223,9 @@ def render_html(run: RunRecord) -> str:
     parts.append("<h2>Configuration</h2>" + (
         f"<pre>{_esc(run.config_text)}</pre>" if run.config_text is not None
         else "<p>config.yaml is missing.</p>"))
+    if run.resumed_config_text is not None:
+        parts.append(f"<h3>As resumed ({RESUMED_CONFIG_FILE})</h3>"
+                     f"<pre>{_esc(run.resumed_config_text)}</pre>")
     if run.error_tail is not None:
         parts.append(f"<h2>Error</h2><p>The last lines of {ERROR_FILE}:</p>"
                      f"<pre>{_esc(run.error_tail)}</pre>")

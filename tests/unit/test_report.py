@@ -98,6 +98,14 @@ def test_report_of_a_finished_run_uses_its_summary(tmp_path: Path) -> None:
     assert re.search(r"global steps</td><td>12<", page)
 
 
+def test_report_of_a_resumed_run_shows_both_configs(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_partial_run(run_dir)
+    (run_dir / "config.resumed.yaml").write_text("runtime:\n  preset: resumed-later\n")
+    page = write_report(run_dir).read_text()
+    assert "preset: &lt;partial &amp; run&gt;" in page and "preset: resumed-later" in page
+
+
 def test_report_of_a_failed_run_shows_the_error(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     write_partial_run(run_dir)
