@@ -68,6 +68,11 @@ class CollectiveConfig(_Section):
     overlap: bool = Field(True, description="Start each gradient bucket's all-reduce during the "
                           "backward pass, as soon as its gradients are ready (same result "
                           "as after the backward; false: all buckets after the backward).")
+    gpu_backend: Literal["flashtrain", "ray_nccl"] = Field(
+        "flashtrain", description="NCCL backend of GPU workers: 'flashtrain' (each group its "
+        "own torch ProcessGroupNCCL; every call has a deadline and can be aborted, so a dead "
+        "peer re-forms the grid) or 'ray_nccl' (Ray's cupy-based backend: needs the 'gpu' "
+        "extra, has no deadline or abort).")
 
 
 class ModelConfig(_Section):
@@ -75,7 +80,8 @@ class ModelConfig(_Section):
 
     name: str = Field("resnet50", description="Any torchvision classification model name.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Autocast precision on GPU (fp16 uses loss scaling); CPU runs fp32.")
+        "fp32", description="Autocast precision (GPU, and CPU where torch's CPU autocast "
+        "supports it); fp16 uses a loss scale every worker agrees on, bf16 needs none.")
     channels_last: bool = Field(True, description="Use channels-last memory format on GPU.")
     zero_init_residual: bool = Field(True, description="Start each residual branch's last "
                                      "BatchNorm at zero (Goyal et al.), which keeps early "
@@ -208,7 +214,12 @@ class RuntimeConfig(_Section):
     ray_address: str | None = Field(None, description="Ray address; None: join a running cluster "
                                     "if there is one (ray start / ray job submit), else start one.")
     seed: int = Field(0, description="Seed of model initialisation.")
-    remote_timeout_s: float = Field(300.0, gt=0, description="Deadline of every remote call.")
+    remote_timeout_s: float = Field(300.0, gt=0, description="Deadline of every remote call "
+                                    "(of a step window: this much per step in it).")
+    step_windows: bool = Field(True, description="The driver hands every worker the steps up "
+                               "to the next commit, checkpoint or epoch boundary in one call and "
+                               "gets their results back in bulk (false: one call per step; "
+                               "`python -m flashtrain.bench control` compares the two).")
     log_every_steps: int = Field(1, ge=1, description="metrics.jsonl step records interval.")
     tensorboard: bool = Field(False, description="Also write the numbers of metrics.jsonl's "
                               "step, epoch and reform records as TensorBoard scalars into "

@@ -28,7 +28,7 @@ from flashtrain.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock
+from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock, plan_window
 from flashtrain.train.data import build_datasets
 from flashtrain.train.metrics import MetricsWriter, read_metrics, write_summary
 from flashtrain.train.plots import write_plots
@@ -100,6 +100,29 @@ _MEMBER_FAILURES = (StepFailed, RayActorError, RayTaskError, GetTimeoutError)
 def _as_failure(err: BaseException, step: int) -> StepFailed:
     """A failure of the grid at clock position ``step`` (a StepFailed stays as it is)."""
     return err if isinstance(err, StepFailed) else StepFailed(None, err, step=step)
+
+
+def _finished_at(results: list) -> float:
+    """When a step ended on every rank (unix time)."""
+    return max(r.finished_at for r in results)
+
+
+def _window_step(err: BaseException | None) -> int | None:
+    """The global step a worker's window ended in, if its error says."""
+    cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
+    return getattr(cause, "window_step", None)
+
+
+def _errors(refs: list) -> list[BaseException]:
+    """The errors of the settled calls among ``refs``."""
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    errors = []
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as err:  # noqa: BLE001 - collected, not handled
+            errors.append(err)
+    return errors
 
 
 class Trainer:
@@ -197,34 +220,31 @@ class Trainer:
             ray.kill(clock, no_restart=True)
 
     def _loop(self, progress: Progress) -> None:
+        """Train window by window (see :meth:`_next_window`) until the schedule, the step
+        cap or a stop request ends training; commit, validate and checkpoint at the
+        boundaries the windows end on."""
         cfg = self.config
-        while not ray.get(self.clock.done.remote(), timeout=self.timeout):
-            plan: StepPlan = ray.get(self.clock.next_plan.remote(), timeout=self.timeout)
-            if cfg.runtime.max_steps is not None and plan.global_step >= cfg.runtime.max_steps:
-                break
-            if self.stop_at_step is not None and plan.global_step >= self.stop_at_step:
-                self.say(f"stopping before step {plan.global_step}, as asked")
-                break
-            step_done = plan.global_step + 1
-            position = plan.global_step  # the clock's, for a failure that names no step
+        while plans := self._next_window():
+            first, last = plans[0], plans[-1]
+            step_done = last.global_step + 1
             try:
                 self.activity = "step"
-                self.controller.before_step(plan, self.clock)
-                results, seconds = self._step(plan)
-                ray.get(self.clock.advance.remote(plan), timeout=self.timeout)
-                position = step_done
-                self.controller.after_step(plan)
-                self._record_step(plan, results, seconds, progress)
-                if step_done % cfg.elastic.commit_every_steps == 0 or plan.end_of_epoch:
+                self.controller.before_step(first, self.clock)
+                results = self._train_window(plans)
+                ray.get(self.clock.advance_window.remote(plans), timeout=self.timeout)
+                self.controller.after_step(first, finished_at=_finished_at(results[0]))
+                for plan, step_results in zip(plans, results, strict=True):
+                    self._record_step(plan, step_results, progress)
+                if step_done % cfg.elastic.commit_every_steps == 0 or last.end_of_epoch:
                     self.activity = "commit"
                     self.controller.commit(self.clock)
             except _MEMBER_FAILURES as err:
-                self._recover(_as_failure(err, step=position))
+                self._recover(self._window_failure(err, plans))
                 continue
             try:
-                if plan.end_of_epoch:
+                if last.end_of_epoch:
                     self.activity = "validate"
-                    self._validate(epoch=plan.epoch)
+                    self._validate(epoch=last.epoch)
                 if step_done % cfg.checkpoint.every_steps == 0:
                     self.activity = "checkpoint"
                     self._checkpoint()
@@ -232,6 +252,53 @@ class Trainer:
                 # A member lost while validating or checkpointing: re-form like after a
                 # failed step (training state is committed at every epoch end).
                 self._recover(_as_failure(err, step=step_done))
+
+    def _next_window(self) -> list[StepPlan]:
+        """The steps the workers train next in one call each: from the clock's position up
+        to the next commit, checkpoint or epoch boundary (``runtime.step_windows``; else
+        one step), ending before a step that has a fault to inject. Empty when training is
+        over, at ``runtime.max_steps`` or at a requested stop."""
+        cfg = self.config
+        state = ray.get(self.clock.state.remote(), timeout=self.timeout)
+        stop = self.stop_at_step
+        caps = [c for c in (cfg.runtime.max_steps, stop) if c is not None]
+        plans = plan_window(state, cfg.schedule, ends_after=self._window_ends_after,
+                            starts_apart=self._driver_acts_before,
+                            max_steps=min(caps) if caps else None)
+        if not plans and stop is not None and state["global_step"] >= stop \
+                and state["epoch"] < cfg.schedule.epochs:
+            self.say(f"stopping before step {state['global_step']}, as asked")
+        return plans
+
+    def _window_ends_after(self, plan: StepPlan) -> bool:
+        if not self.config.runtime.step_windows:
+            return True
+        done = plan.global_step + 1
+        return (plan.end_of_epoch or done % self.config.elastic.commit_every_steps == 0
+                or done % self.config.checkpoint.every_steps == 0)
+
+    def _driver_acts_before(self, plan: StepPlan) -> bool:
+        """A step with an injected fault starts a window: the driver fires it before."""
+        faults = self.config.faults
+        return any(plan.global_step in steps for steps in (
+            faults.kill_worker_at_steps, faults.stall_worker_at_steps,
+            faults.remove_node_at_steps, faults.add_node_at_steps))
+
+    def _window_failure(self, err: BaseException, plans: list[StepPlan]) -> StepFailed:
+        """The failure of a window, placed at the step it ended in: the survivors' errors
+        carry it (``window_step``, from :meth:`Worker.train_window`); a dead worker's
+        does not. Records the steps trained and lost since the window began."""
+        failure = _as_failure(err, step=plans[0].global_step)
+        if failure.pending:  # the survivors return at once: their collectives were aborted
+            ray.wait(failure.pending, num_returns=len(failure.pending),
+                     timeout=self.config.collective.timeout_s)
+        reached = [s for s in map(_window_step, [failure.cause, *_errors(failure.pending)])
+                   if s is not None]
+        step = max(reached, default=plans[0].global_step)
+        self.metrics.event("window_lost", first_step=plans[0].global_step, failed_step=step,
+                           last_step=plans[-1].global_step,
+                           generation=self.controller.state.generation)
+        return StepFailed(plans[0], failure.cause, failure.pending, step=step)
 
     def _recover(self, failure: StepFailed, attempts: int = 3) -> None:
         """Re-form after ``failure``; a member lost while re-forming starts another round.
@@ -270,14 +337,15 @@ class Trainer:
         self.metrics.event("restart", checkpoint=str(path), global_step=clock["global_step"],
                            failed_step=failure.step)
 
-    def _step(self, plan: StepPlan) -> tuple[list, float]:
-        begun = time.perf_counter()
-        results = self.controller.run_on_grid("train_step", plan, plan=plan)
-        return results, time.perf_counter() - begun
+    def _train_window(self, plans: list[StepPlan]) -> list[list]:
+        """One call per member for the whole window; per step, every rank's result."""
+        per_rank = self.controller.run_on_grid("train_window", plans, plan=plans[0],
+                                               timeout=self.timeout * len(plans))
+        return [list(step) for step in zip(*per_rank, strict=True)]
 
     # -- records -------------------------------------------------------------------------
 
-    def _record_step(self, plan: StepPlan, results: list, seconds: float, progress: Progress) -> None:
+    def _record_step(self, plan: StepPlan, results: list, progress: Progress) -> None:
         for result in results:
             for sample in result.skipped:
                 known = sample.name in self.totals.skipped_names()
@@ -289,6 +357,7 @@ class Trainer:
                     self.say(f"skipping {sample.name} (step {plan.global_step}, rank "
                              f"{result.rank}): it cannot be decoded ({sample.reason}); it "
                              f"will be skipped in every epoch")
+        seconds = max(r.seconds for r in results)  # the step's time on its slowest rank
         samples = sum(r.samples for r in results)
         loss = sum(r.loss_sum for r in results) / max(samples, 1)
         self.totals.samples += samples
@@ -305,7 +374,9 @@ class Trainer:
                       data_wait_seconds=max(r.data_wait_s for r in results),
                       train_acc=sum(r.correct for r in results) / max(samples, 1))
         if plan.global_step % self.config.runtime.log_every_steps == 0 or plan.end_of_epoch:
-            self.metrics.step(**record)
+            # Stamped when the step ended on its last rank, not when the window's results
+            # reached the driver.
+            self.metrics.step(**record, time=round(_finished_at(results) - self.metrics.start_time, 6))
         progress.update(epoch=plan.epoch, loss=loss, ips=record["images_per_sec"],
                         batch=plan.global_batch, lr=plan.lr, grid=grid)
 

@@ -82,7 +82,9 @@ class StepFailed(RuntimeError):
 
     def __init__(self, plan: StepPlan | None, cause: BaseException, pending: list | None = None,
                  step: int | None = None):
-        self.step = plan.global_step if plan is not None else step  # the clock position lost
+        # The clock position lost: the plan's step, unless ``step`` says where a window of
+        # steps that began at ``plan`` ended.
+        self.step = step if step is not None else plan.global_step if plan is not None else None
         where = f"step {self.step}" if plan is not None else f"the commit at step {self.step}"
         super().__init__(f"{where} failed: {type(cause).__name__}: {cause}")
         self.plan = plan
@@ -247,8 +249,10 @@ class ElasticController:
 
     # -- calls on every member ---------------------------------------------------------
 
-    def run_on_grid(self, method: str, *args, step: int | None = None, plan=None) -> list:
-        """Call ``method`` on every member and return the results in rank order.
+    def run_on_grid(self, method: str, *args, step: int | None = None, plan=None,
+                    timeout: float | None = None) -> list:
+        """Call ``method`` on every member and return the results in rank order, all within
+        ``timeout`` (default ``runtime.remote_timeout_s``).
 
         Fails fast: the first member whose call fails (died, timed out, collective gave
         up) makes every other member abort its collectives of this generation through the
@@ -259,21 +263,23 @@ class ElasticController:
         """
         state = self.state
         refs = [getattr(actor, method).remote(*args) for actor in state.actors]
-        return self._gather(state, method, refs, step=step, plan=plan)
+        return self._gather(state, method, refs, step=step, plan=plan, timeout=timeout)
 
     def _gather(self, state: GridState, method: str, refs: list, *, step: int | None,
-                plan=None) -> list:
+                plan=None, timeout: float | None = None) -> list:
         """The results of ``refs`` (one call of ``method`` per member of ``state``, in rank
         order), failing fast as :meth:`run_on_grid` describes."""
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while pending:
             ready, pending = ray.wait(pending, num_returns=1,
                                       timeout=max(deadline - time.monotonic(), 0))
             if not ready:
                 err = GetTimeoutError(f"{method} did not finish on {len(pending)} member(s) "
-                                      f"within runtime.remote_timeout_s={self.timeout:g}s")
+                                      f"within {timeout:g}s (runtime.remote_timeout_s="
+                                      f"{self.timeout:g}s per step)")
                 self._abort_grid(state, f"{method} timed out")
                 raise StepFailed(plan, err, refs, step=step) from None
             try:
@@ -301,14 +307,16 @@ class ElasticController:
             self._retarget(Grid.parse(plan.phase_grid), plan.epoch, clock)
         self.faults.before_step(plan.global_step, self.state.members)
 
-    def after_step(self, plan: StepPlan) -> None:
-        """Close the recovery clock of the last re-form at the first completed step; note
-        which starting spares have room by now (the start of their join clock)."""
+    def after_step(self, plan: StepPlan, finished_at: float | None = None) -> None:
+        """Close the recovery clock of the last re-form at the first completed step (it
+        ended at ``finished_at``, unix time; default now); note which starting spares
+        have room by now (the start of their join clock)."""
         self._note_placement()
         if self._pending_recovery is None:
             return
         record, began = self._pending_recovery
-        record["recovery_seconds"] = time.monotonic() - began
+        ended = time.time() if finished_at is None else finished_at
+        record["recovery_seconds"] = max(ended - began, 0.0)
         self.metrics.reform(**record)
         self.say(f"re-formed {record['old_grid']} -> {record['new_grid']} in "
                  f"{record['recovery_seconds']:.2f}s to the next step "
@@ -522,7 +530,8 @@ class ElasticController:
                   "generation": self.state.generation, "recovery_seconds": None,
                   "newcomers": newcomers}
         self.reforms.append(record)
-        self._pending_recovery = (record, began)
+        # ``began`` is a monotonic reading; the first step's end comes back as unix time.
+        self._pending_recovery = (record, time.time() - (time.monotonic() - began))
 
     def shutdown(self) -> None:
         for member in getattr(self, "state", GridState(Grid(1, 1), 0)).members:

@@ -11,6 +11,7 @@ are: a resize or a rollback only moves the clock back to a committed state.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -96,6 +97,35 @@ class TrainingClock:
             setattr(self, key, value)
 
 
+def plan_window(clock_state: dict, schedule: ScheduleConfig, ends_after: Callable[[StepPlan], bool],
+                starts_apart: Callable[[StepPlan], bool] = lambda plan: False,
+                max_steps: int | None = None) -> list[StepPlan]:
+    """The plans of the steps from ``clock_state`` up to the next boundary: the run the
+    workers can train on their own, in one call, without the driver in between.
+
+    Pure: it advances a copy of the clock. The window ends after the first plan for which
+    ``ends_after(plan)`` holds (a commit, checkpoint or epoch boundary), before the first
+    later plan for which ``starts_apart(plan)`` holds (a step the driver must act before,
+    such as an injected fault), at the end of training, or before global step
+    ``max_steps``. The first plan is always included (unless training is over), so a
+    window makes progress. Applying :meth:`TrainingClock.advance` to the returned plans in
+    order reproduces the per-step loop exactly.
+    """
+    clock = TrainingClock(**copy.deepcopy(clock_state))
+    plans: list[StepPlan] = []
+    while clock.epoch < schedule.epochs:
+        plan = clock.plan(schedule)
+        if max_steps is not None and plan.global_step >= max_steps:
+            break
+        if plans and starts_apart(plan):
+            break
+        plans.append(plan)
+        clock.advance(plan)
+        if ends_after(plan):
+            break
+    return plans
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class ScheduleActor:
     """The single authority on the training clock during a run.
@@ -114,6 +144,18 @@ class ScheduleActor:
 
     def advance(self, plan: StepPlan) -> dict:
         self._clock.advance(plan)
+        return self._clock.state_dict()
+
+    def advance_window(self, plans: list[StepPlan]) -> dict:
+        """Record a whole window of steps trained by every worker (one call per window).
+        All or nothing: a plan out of place leaves the clock where it was."""
+        before = self._clock.state_dict()
+        try:
+            for plan in plans:
+                self._clock.advance(plan)
+        except ValueError:
+            self._clock.load_state_dict(before)
+            raise
         return self._clock.state_dict()
 
     def commit(self) -> dict:

@@ -9,6 +9,7 @@ worker trains exactly the samples the pure sharding function gives its rank.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import os
 import time
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from flashtrain import collective
 from flashtrain.config import FlashtrainConfig
 from flashtrain.topology import Grid
+from flashtrain.train.amp import LossScaler
 from flashtrain.train.clock import StepPlan
 from flashtrain.train.data import (
     StepBatchSampler,
@@ -54,6 +56,9 @@ class StepResult:
     # is forward, backward and optimizer; ``sync_s`` the collectives' own time.
     data_wait_s: float = 0.0
     comm_exposed_s: float = 0.0
+    # Set by train_window: the step's seconds on this worker and when it ended (unix time).
+    seconds: float | None = None
+    finished_at: float | None = None
 
 
 class Worker:
@@ -76,7 +81,7 @@ class Worker:
         self.optimizer = torch.optim.SGD(
             parameter_groups(self.model, opt.weight_decay, opt.no_decay_bn_bias),
             lr=0.0, momentum=opt.momentum, nesterov=opt.nesterov)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() == torch.float16)
+        self.scaler = LossScaler(enabled=self._amp_dtype() == torch.float16)
         self.comm: collective.GridComm | None = None
         self.grid: Grid | None = None
         self.rank = -1
@@ -93,7 +98,7 @@ class Worker:
         # more room than a single collective call gets.
         self.comm = collective.join_grid(grid, rank, generation, timeout_s=c.timeout_s,
                                          rendezvous_timeout_s=max(4 * c.timeout_s, 30.0),
-                                         backend="nccl" if self._config.grid.use_gpu else "gloo")
+                                         backend=_grid_backend(self._config))
         self.grid, self.rank = grid, rank
         synchronizer = (collective.OverlappedSynchronizer if c.overlap
                         else collective.GradientSynchronizer)

@@ -254,7 +254,7 @@ def test_gradient_synchronizer_matches_float64_sum(pool):
 
 
 # fp32, 2 or 3 columns: each worker's shard spans several pipeline chunks (asserted below).
-PIPELINED_NUMEL = 3_000_001
+PIPELINED_NUMEL = 4_500_001
 
 
 def test_pipelined_torus_matches_float64_sum(pool):

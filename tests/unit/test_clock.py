@@ -72,3 +72,49 @@ def test_commit_rollback_and_resizes_keep_exactly_once(rollbacks, workers):
             committed = clock.state_dict()
     assert all(Counter(epoch) == Counter(range(90)) for epoch in trained)
     assert clock.samples_per_epoch == [90, 90, 90]
+
+
+@settings(max_examples=60)
+@given(commit_every=st.integers(1, 7), faults=st.sets(st.integers(0, 12), max_size=4),
+       max_steps=st.one_of(st.none(), st.integers(1, 14)))
+def test_windows_reproduce_the_per_step_plans_and_end_on_boundaries(commit_every, faults,
+                                                                    max_steps):
+    """Walking the run window by window gives exactly the plans of the per-step loop; every
+    window ends on a commit or epoch boundary (or the cap), and a fault's step only ever
+    starts a window."""
+    from flashtrain.train.clock import plan_window
+
+    start = TrainingClock(num_samples=100, seed=0, min_tail=8)
+    per_step = []
+    while start.epoch < 3 and (max_steps is None or start.global_step < max_steps):
+        per_step.append(start.plan(schedule()))
+        start.advance(start.plan(schedule()))
+
+    def boundary(plan):
+        return plan.end_of_epoch or (plan.global_step + 1) % commit_every == 0
+
+    clock = TrainingClock(num_samples=100, seed=0, min_tail=8)
+    windowed, windows = [], []
+    while window := plan_window(clock.state_dict(), schedule(), ends_after=boundary,
+                                starts_apart=lambda p: p.global_step in faults,
+                                max_steps=max_steps):
+        windows.append(window)
+        windowed += window
+        for plan in window:
+            clock.advance(plan)
+    assert windowed == per_step
+    for window in windows:
+        assert all(not boundary(p) for p in window[:-1])
+        assert all(p.global_step not in faults for p in window[1:])
+        last = window[-1]
+        assert boundary(last) or last.global_step + 1 == max_steps \
+            or last.global_step + 1 in faults
+
+
+def test_a_window_is_one_step_when_every_step_is_a_boundary():
+    from flashtrain.train.clock import plan_window
+
+    clock = TrainingClock(num_samples=100, seed=0, min_tail=8)
+    assert len(plan_window(clock.state_dict(), schedule(), ends_after=lambda p: True)) == 1
+    clock.epoch = 3
+    assert plan_window(clock.state_dict(), schedule(), ends_after=lambda p: True) == []
