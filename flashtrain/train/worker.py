@@ -181,13 +181,34 @@ class Worker:
         synced = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = plan.lr
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.scaler.step(self.optimizer, self.comm, plan.global_step)  # skips on any rank's inf
         stepped = time.perf_counter()
         return StepResult(plan.global_step, self.rank, len(labels), loss_sum, correct,
                           compute_s=(computed - data_ready) + (stepped - synced),
                           sync_s=self._sync.comm_seconds, skipped=self._step_skipped,
                           data_wait_s=data_ready - started, comm_exposed_s=exposed.seconds)
+
+    def train_window(self, plans: list[StepPlan]) -> list[StepResult]:
+        """Train the steps of ``plans`` one after the other (a window: the steps up to the
+        next commit, epoch or checkpoint boundary, see
+        :func:`~flashtrain.train.clock.plan_window`), without the driver between them.
+
+        Every rank of the grid gets the same plans, so their collectives pair up step by
+        step. A failure ends the window at once (train_step has already left the grid, so
+        the peers' collectives fail too); the exception carries ``window_step``, the global
+        step it ended in, for the driver's account of the work lost.
+        """
+        results = []
+        for plan in plans:
+            began = time.perf_counter()
+            try:
+                result = self.train_step(plan)
+            except Exception as err:
+                err.window_step = plan.global_step
+                raise
+            results.append(dataclasses.replace(result, seconds=time.perf_counter() - began,
+                                               finished_at=time.time()))
+        return results
 
     def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's samples of ``plan``; the data stream is rebuilt from the plan's
