@@ -55,6 +55,11 @@ def completed_steps(path: Path, time_offset: float = 0.0) -> list[tuple[int, flo
             continue
         if record.get("kind") == "start":
             starts += 1
+        elif record.get("name") == "window_lost":
+            # A step window that a failure ended: its steps before the failed one were
+            # trained (and are redone), though their results never reached the driver.
+            steps += [(step, float(record["time"]) + time_offset, int(record["generation"]))
+                      for step in range(record["first_step"], record["failed_step"])]
         elif record.get("kind") == "step":
             steps.append((int(record["step"]), float(record["time"]) + time_offset,
                           int(record.get("generation", starts))))
@@ -173,9 +178,16 @@ class ExternalKiller:
         return min(after) if after else None
 
     def _measure(self, kill: Kill) -> None:
-        first_time, resume_step = self._recovered(kill, self.steps())
+        steps = self.steps()
+        first_time, resume_step = self._recovered(kill, steps)
         kill.recovery_seconds = first_time - kill.time
         kill.resume_step = resume_step
+        # Steps trained before the kill in its incarnation; a step window's are known only
+        # once the failure is handled (its window_lost record).
+        before = [n for n, at, incarnation in steps
+                  if incarnation <= kill.incarnation_before and at <= first_time]
+        if before:
+            kill.last_step_before = max(before)
 
     def _wait_for(self, condition: Callable[[list], bool], limit_s: float) -> bool:
         deadline = time.monotonic() + limit_s

@@ -227,17 +227,18 @@ class Trainer:
         while plans := self._next_window():
             first, last = plans[0], plans[-1]
             step_done = last.global_step + 1
+            commit = step_done % cfg.elastic.commit_every_steps == 0 or last.end_of_epoch
             try:
                 self.activity = "step"
                 self.controller.before_step(first, self.clock)
-                results = self._train_window(plans)
+                results = self._train_window(plans, commit)
                 ray.get(self.clock.advance_window.remote(plans), timeout=self.timeout)
                 self.controller.after_step(first, finished_at=_finished_at(results[0]))
                 for plan, step_results in zip(plans, results, strict=True):
                     self._record_step(plan, step_results, progress)
-                if step_done % cfg.elastic.commit_every_steps == 0 or last.end_of_epoch:
+                if commit:  # every member committed at the end of its window
                     self.activity = "commit"
-                    self.controller.commit(self.clock)
+                    self.controller.members_committed(self.clock)
             except _MEMBER_FAILURES as err:
                 self._recover(self._window_failure(err, plans))
                 continue
@@ -337,10 +338,11 @@ class Trainer:
         self.metrics.event("restart", checkpoint=str(path), global_step=clock["global_step"],
                            failed_step=failure.step)
 
-    def _train_window(self, plans: list[StepPlan]) -> list[list]:
-        """One call per member for the whole window; per step, every rank's result."""
-        per_rank = self.controller.run_on_grid("train_window", plans, plan=plans[0],
-                                               timeout=self.timeout * len(plans))
+    def _train_window(self, plans: list[StepPlan], commit: bool) -> list[list]:
+        """One call per member for the whole window (and the commit after it); per step,
+        every rank's result."""
+        per_rank = self.controller.run_on_grid("train_window", plans, commit, plan=plans[0],
+                                               timeout=self.timeout * (len(plans) + commit))
         return [list(step) for step in zip(*per_rank, strict=True)]
 
     # -- records -------------------------------------------------------------------------

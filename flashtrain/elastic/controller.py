@@ -234,6 +234,11 @@ class ElasticController:
         the one everybody returns to, so it moves only once all members hold it)."""
         step = ray.get(clock.state.remote(), timeout=self.timeout)["global_step"]
         self.run_on_grid("commit", step, step=step)
+        self.members_committed(clock)
+
+    def members_committed(self, clock) -> None:
+        """Every member holds a commit of the clock's position (it committed at the end of
+        its step window): commit the clock, then grow if spares are ready."""
         self.committed_step = ray.get(clock.commit.remote(), timeout=self.timeout)["global_step"]
         self.metrics.event("commit", global_step=self.committed_step)
         self._grow_if_ready(clock)

@@ -13,12 +13,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 
 from flashtrain.config import ScheduleConfig
 from flashtrain.schedule import global_batch_at, learning_rate, phase_at
 from flashtrain.sharding import step_batch
+
+if TYPE_CHECKING:
+    from flashtrain.train.decode import SkippedSample
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,30 @@ class StepPlan:
     @property
     def end_of_epoch(self) -> bool:
         return self.cursor + self.batch >= self.num_samples
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one worker reports for one step (sums, so the driver can add them up). It
+    lives beside :class:`StepPlan` (no torch here): the driver and light test workers
+    exchange both."""
+
+    global_step: int
+    rank: int
+    samples: int  # samples trained on: this rank's share less the skipped ones
+    loss_sum: float
+    correct: int
+    compute_s: float
+    sync_s: float
+    skipped: tuple[SkippedSample, ...] = ()  # this rank's samples whose image would not decode
+    # The step's split: waiting for this rank's batch; waiting after the backward for the
+    # gradient all-reduce (what overlapping with the backward did not hide). ``compute_s``
+    # is forward, backward and optimizer; ``sync_s`` the collectives' own time.
+    data_wait_s: float = 0.0
+    comm_exposed_s: float = 0.0
+    # Set by train_window: the step's seconds on this worker and when it ended (unix time).
+    seconds: float | None = None
+    finished_at: float | None = None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from flashtrain import collective
 from flashtrain.config import FlashtrainConfig
 from flashtrain.topology import Grid
 from flashtrain.train.amp import LossScaler
-from flashtrain.train.clock import StepPlan
+from flashtrain.train.clock import StepPlan, StepResult
 from flashtrain.train.data import (
     StepBatchSampler,
     build_datasets,
@@ -37,28 +37,6 @@ from flashtrain.train.models import build_model, parameter_groups
 
 CONTROL_GROUP = "control"
 _COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one worker reports for one step (sums, so the driver can add them up)."""
-
-    global_step: int
-    rank: int
-    samples: int  # samples trained on: this rank's share less the skipped ones
-    loss_sum: float
-    correct: int
-    compute_s: float
-    sync_s: float
-    skipped: tuple[SkippedSample, ...] = ()  # this rank's samples whose image would not decode
-    # The step's split: waiting for this rank's batch; waiting after the backward for the
-    # gradient all-reduce (what overlapping with the backward did not hide). ``compute_s``
-    # is forward, backward and optimizer; ``sync_s`` the collectives' own time.
-    data_wait_s: float = 0.0
-    comm_exposed_s: float = 0.0
-    # Set by train_window: the step's seconds on this worker and when it ended (unix time).
-    seconds: float | None = None
-    finished_at: float | None = None
 
 
 class Worker:
@@ -188,10 +166,12 @@ class Worker:
                           sync_s=self._sync.comm_seconds, skipped=self._step_skipped,
                           data_wait_s=data_ready - started, comm_exposed_s=exposed.seconds)
 
-    def train_window(self, plans: list[StepPlan]) -> list[StepResult]:
+    def train_window(self, plans: list[StepPlan], commit: bool = False) -> list[StepResult]:
         """Train the steps of ``plans`` one after the other (a window: the steps up to the
         next commit, epoch or checkpoint boundary, see
-        :func:`~flashtrain.train.clock.plan_window`), without the driver between them.
+        :func:`~flashtrain.train.clock.plan_window`), without the driver between them;
+        with ``commit``, then commit the state after the last one (:meth:`commit`), which
+        spares the driver a second call to every worker per window.
 
         Every rank of the grid gets the same plans, so their collectives pair up step by
         step. A failure ends the window at once (train_step has already left the grid, so
@@ -208,6 +188,12 @@ class Worker:
                 raise
             results.append(dataclasses.replace(result, seconds=time.perf_counter() - began,
                                                finished_at=time.time()))
+        if commit and plans:
+            try:
+                self.commit(plans[-1].global_step + 1)
+            except Exception as err:
+                err.window_step = plans[-1].global_step + 1
+                raise
         return results
 
     def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
