@@ -16,14 +16,30 @@ Time of one message of ``b`` bytes on a link: ``alpha + b * beta``. A worker gri
   the reduced chunks), ring all-reduce of the whole ``S`` among the Y leaders (one flow
   per node: X times the torus column volume) and a broadcast in the node.
 
-Pure functions and the named assumptions (ABCI's links, ResNet-50's compute per step);
-:func:`fit_from_bench_json` fits alpha/beta from a ``bench allreduce --json`` file.
+**Overlap** (:func:`predict_step`): gradients become ready during the backward pass,
+last layer first. They travel in buckets (reverse parameter order, the bucketing rule of
+``flashtrain.collective.fusion``); a bucket's all-reduce starts when its last gradient
+is ready and the previous bucket's all-reduce has finished, and only what is still
+running when the backward ends adds to the step. When each gradient is ready comes from
+a measured profile of torchvision ResNet-50 on a CPU (``costmodel_profile.json``, written
+by ``python -m flashtrain.bench costmodel --profile-backward``): its *relative* shape is
+what is assumed to carry over to a V100, stretched to the V100 step time.
+
+Everything the project cannot measure is an :class:`Assumption` with its source
+(:data:`ASSUMPTIONS`): ABCI's links, the fp16 wire, the bucket size, the V100's compute
+per step. The paper gives no per-GPU rate, so :func:`calibrate_compute` derives the
+effective step time its 224 s implies; a public V100 benchmark rate is kept beside it.
+:func:`fit_from_bench_json` and :func:`fit_compute_from_throughput_json` fit the
+constants of *this* machine from ``bench allreduce`` / ``bench throughput`` JSON.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -122,35 +138,300 @@ def fit_from_bench_json(path: str) -> tuple[Link, int]:
     return fit_alpha_beta(points), n
 
 
-# --- ABCI assumptions (stated, not measured) -----------------------------------------
-# Intra-node: 4 V100 SXM2 on NVLink 2; assumed 40 GB/s effective per ring hop and 10 us
-# per message (kernel launch + NCCL step). Inter-node: 2 x InfiniBand EDR (100 Gb/s =
-# 12.5 GB/s each) per node; assumed 10 GB/s effective per flow and 20 us per message.
-ABCI = Cluster(intra=Link(10e-6, 1 / 40e9), inter=Link(20e-6, 1 / 10e9),
-               workers_per_node=4, inter_links_per_node=2)
-RESNET50_PARAMS = 25.6e6
+def fit_compute_from_throughput_json(path: str) -> dict:
+    """Compute seconds per image of one worker from a ``bench throughput --json`` file:
+    the median, over its grid rows, of ``compute_s`` (step minus gradient sync) divided
+    by the per-worker batch."""
+    with open(path) as handle:
+        data = json.load(handle)
+    n = int(data["meta"]["num_workers"])
+    rows = [r for r in data["results"] if r["algo"] != "single_process"]
+    if not rows:
+        raise ValueError(f"{path}: no grid rows (flat/torus/hierarchical) to fit compute from")
+    per_image = statistics.median(r["compute_s"] / (r["global_batch"] / n) for r in rows)
+    return {"seconds_per_image": per_image, "num_workers": n, "model": data["meta"].get("model"),
+            "global_batch": rows[0]["global_batch"],
+            "sync_s": statistics.median(r["sync_s"] for r in rows)}
+
+
+def read_bench_json(path: str) -> str:
+    """Which benchmark wrote ``path``: ``"allreduce"`` or ``"throughput"``."""
+    try:
+        with open(path) as handle:
+            results = json.load(handle)["results"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a bench allreduce/throughput --json file ({err})") from err
+    if results and "compute_s" in results[0]:
+        return "throughput"
+    if results and "median_s" in results[0] and "bytes" in results[0]:
+        return "allreduce"
+    raise ValueError(f"{path}: neither bench allreduce (median_s, bytes) nor bench throughput "
+                     "(compute_s) rows")
+
+
+# --- overlap of the gradient all-reduce with the backward pass --------------------------
+#
+# The backward pass produces gradients from the last layer to the first. The worker packs
+# them into buckets in that order (reverse parameter order, the rule of
+# flashtrain.collective.fusion.plan_buckets) and starts a bucket's all-reduce when its
+# last gradient is ready and the previous bucket's all-reduce has finished (one stream).
+# What is still running when the backward ends is exposed: it adds to the step.
+
+PROFILE_PATH = Path(__file__).with_name("costmodel_profile.json")
+PROFILE_COMMAND = "python -m flashtrain.bench costmodel --profile-backward"
+
+
+@dataclass(frozen=True)
+class BackwardProfile:
+    """When each parameter's gradient is ready, as a fraction of the backward pass (0 at
+    its start, 1 at its end), in parameter order; measured, see :data:`PROFILE_COMMAND`."""
+
+    numels: tuple[int, ...]
+    ready_fractions: tuple[float, ...]
+    backward_share: float  # backward / (forward + backward), as measured
+    source: str
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.numels)
+
+
+def load_profile(path: Path | str = PROFILE_PATH) -> BackwardProfile:
+    """The stored profile (ResNet-50 unless ``path`` names another)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no backward profile at {path}: write it with {PROFILE_COMMAND}")
+    data = json.loads(path.read_text())
+    rows = data["params"]
+    return BackwardProfile(tuple(int(r["numel"]) for r in rows),
+                           tuple(float(r["ready_fraction"]) for r in rows),
+                           data["backward_s"] / (data["forward_s"] + data["backward_s"]),
+                           f"{data['model']}, {data['measured_on']}")
+
+
+def bucket_indices(nbytes: Sequence[float], bucket_bytes: float) -> list[list[int]]:
+    """Group items (already in send order) into buckets of at most ``bucket_bytes``,
+    the rule of ``fusion.plan_buckets``: a new bucket when the next item would overflow
+    the current one; an item larger than ``bucket_bytes`` travels alone."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0.0
+    for index, item in enumerate(nbytes):
+        if current and size + item > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0.0
+        current.append(index)
+        size += item
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@dataclass(frozen=True)
+class ReadyBucket:
+    """One bucket: bytes on the wire and when (seconds into the backward) it is ready."""
+
+    wire_bytes: float
+    ready_s: float
+
+
+def ready_buckets(profile: BackwardProfile, backward_s: float, bucket_bytes: float,
+                  grad_bytes: int = 4, wire_bytes: int = 2,
+                  num_params: float | None = None) -> list[ReadyBucket]:
+    """The buckets of one backward pass in the order they become ready.
+
+    Buckets are formed in reverse parameter order with ``bucket_bytes`` counted in the
+    gradient's own dtype (``grad_bytes``, as ``plan_buckets`` counts them); each travels
+    in ``wire_bytes`` per element. ``num_params`` scales every parameter so that another
+    model of that size is taken to have this profile's shape.
+    """
+    scale = (num_params / profile.num_params) if num_params else 1.0
+    order = list(range(len(profile.numels)))[::-1]
+    sizes = [profile.numels[i] * scale * grad_bytes for i in order]
+    buckets = []
+    for members in bucket_indices(sizes, bucket_bytes):
+        params = [order[m] for m in members]
+        buckets.append(ReadyBucket(
+            wire_bytes=sum(profile.numels[p] for p in params) * scale * wire_bytes,
+            ready_s=max(profile.ready_fractions[p] for p in params) * backward_s))
+    return sorted(buckets, key=lambda b: b.ready_s)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """When each bucket's all-reduce starts and finishes, from the start of backward."""
+
+    starts: tuple[float, ...]
+    finishes: tuple[float, ...]
+    backward_s: float
+
+    @property
+    def exposed_s(self) -> float:
+        """Communication still running when the backward pass ends."""
+        return max(self.finishes[-1] - self.backward_s, 0.0) if self.finishes else 0.0
+
+    @property
+    def comm_s(self) -> float:
+        return sum(f - s for s, f in zip(self.starts, self.finishes, strict=True))
+
+
+def overlap(buckets: Sequence[ReadyBucket], comm_time: Callable[[float], float],
+            backward_s: float) -> Timeline:
+    """Run the buckets' all-reduces one after another, each as soon as it is ready and
+    the previous one is done; ``comm_time(bytes)`` is one all-reduce's seconds."""
+    starts, finishes = [], []
+    free_at = 0.0
+    for bucket in buckets:
+        start = max(bucket.ready_s, free_at)
+        free_at = start + comm_time(bucket.wire_bytes)
+        starts.append(start)
+        finishes.append(free_at)
+    return Timeline(tuple(starts), tuple(finishes), backward_s)
+
+
+# --- ABCI and the paper: named assumptions with their sources ----------------------------
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """One input the project cannot measure, with where its value comes from."""
+
+    name: str
+    value: float
+    unit: str
+    source: str
+
+
+ASSUMPTIONS = {a.name: a for a in (
+    Assumption("intra_alpha", 3.4e-6 * 1.9, "s per message", "NCCL's own cost model "
+               "(src/graph/tuning.cc): NVLink ring step 3.4 us (hwLat NVLINK Ring Simple), "
+               "times its 1.9 'plateau' factor for large multi-node ring all-reduces"),
+    Assumption("intra_beta", 1 / 40e9, "s per byte", "V100 SXM2 NVLink 2: 2 links x 25 GB/s "
+               "per direction between GPU pairs on ABCI's nodes; 40 GB/s effective per hop"),
+    Assumption("inter_alpha", 9.6e-6 * 1.9, "s per message", "NCCL's cost model "
+               "(tuning.cc): network ring step 9.6 us (hwLat NET Ring Simple; InfiniBand "
+               "EDR's wire latency is ~1 us, the rest is NCCL's per-step handshake) times "
+               "the 1.9 plateau factor"),
+    Assumption("inter_beta", 1 / 10e9, "s per byte", "ABCI compute node: 2 x InfiniBand EDR "
+               "(100 Gb/s = 12.5 GB/s each); 10 GB/s effective per flow (80% of line rate)"),
+    Assumption("inter_links_per_node", 2, "links", "ABCI compute node: 2 EDR HCAs"),
+    Assumption("workers_per_node", 4, "GPUs", "ABCI compute node: 4 V100 SXM2 (the paper's "
+               "torus rows are the 4 GPUs of a node)"),
+    Assumption("step_compute_s", 32 / 1100, "s per step of 32 images", "V100 SXM2 ResNet-50 "
+               "mixed-precision training ~1,150 images/s at batch 128 (torchvision, AMP, NHWC: "
+               "110.9 ms per step, github.com/sandeepkumar-skb/pytorch_experiments "
+               "torchvision_exp/README.md); taken as ~1,100 images/s at the paper's 32 per GPU "
+               "(forward + backward + update; the paper reports no per-GPU rate)"),
+    Assumption("wire_bytes", 2, "bytes per gradient element", "the paper all-reduces fp16 "
+               "gradients (jobs/paper-abci.yaml: collective.comm_dtype=fp16)"),
+    Assumption("bucket_mb", 64, "MiB of fp32 gradients per bucket",
+               "jobs/paper-abci.yaml collective.bucket_mb (the project's preset, not the paper)"),
+)}
+ABCI = Cluster(intra=Link(ASSUMPTIONS["intra_alpha"].value, ASSUMPTIONS["intra_beta"].value),
+               inter=Link(ASSUMPTIONS["inter_alpha"].value, ASSUMPTIONS["inter_beta"].value),
+               workers_per_node=int(ASSUMPTIONS["workers_per_node"].value),
+               inter_links_per_node=int(ASSUMPTIONS["inter_links_per_node"].value))
+RESNET50_PARAMS = 25_557_032  # torchvision resnet50, 1,000 classes
 FP16_BYTES = 2
-# Compute per step: assumed per-GPU batch 32 at ~1,100 images/s (V100, fp16, ResNet-50,
-# 2018-era frameworks) = 29 ms per step. The paper reports only end-to-end figures.
-STEP_COMPUTE_S = 32 / 1100
+STEP_COMPUTE_S = ASSUMPTIONS["step_compute_s"].value
+STEP_COMPUTE_BATCH = 32
 IMAGENET_TRAIN = 1_281_167
 EPOCHS = 90
+# Batch-size control as the paper ran it on 2,176 GPUs (34K then 68K); the switch epoch is
+# jobs/paper-abci.yaml's choice (the paper gives the two batches, not the epoch).
+PAPER_PHASES = ((0, 34816), (30, 69632))
 PAPER = {1088: {"scaling_efficiency": 0.9162}, 2176: {"train_seconds": 224.0}}
+ALGORITHMS = ("ring", "torus", "hierarchical")
 
 
-def predict_abci(num_gpus: int, cluster: Cluster = ABCI) -> dict:
-    """All-reduce time of ResNet-50 fp16 gradients and the scaling efficiency it allows."""
+@dataclass(frozen=True)
+class StepModel:
+    """What one training step costs a worker, apart from the network."""
+
+    compute_s: float = STEP_COMPUTE_S  # forward + backward + update for ``batch`` images
+    batch: int = STEP_COMPUTE_BATCH
+    bucket_bytes: float = ASSUMPTIONS["bucket_mb"].value * 2**20
+    grad_bytes: int = 4
+    wire_bytes: int = FP16_BYTES
+
+
+def allreduce_time(algorithm: str, size_bytes: float, cols: int, rows: int, cluster: Cluster) -> float:
+    """One all-reduce of ``size_bytes`` over ``rows`` nodes of ``cols`` workers."""
+    if algorithm == "ring":
+        return ring_cost(size_bytes, cols * rows).time(cluster)
+    if algorithm == "torus":
+        return torus_cost(size_bytes, cols, rows, cluster.inter_links_per_node).time(cluster)
+    if algorithm == "hierarchical":
+        return hierarchical_cost(size_bytes, cols, rows).time(cluster)
+    raise ValueError(f"unknown all-reduce algorithm {algorithm!r}: choose from {ALGORITHMS}")
+
+
+def predict_step(per_worker_batch: float, comm_time: Callable[[float], float],
+                 profile: BackwardProfile, model: StepModel = StepModel(),
+                 num_params: float = RESNET50_PARAMS) -> dict:
+    """Step time of one worker with and without overlap of the all-reduce and backward.
+
+    ``comm_time(bytes)`` is one all-reduce's seconds on the grid. Compute scales with the
+    per-worker batch from ``model``'s reference; the backward is the profile's measured
+    share of it. Without overlap the whole gradient is reduced in one all-reduce after
+    compute (the old model); with it, bucket by bucket during the backward.
+    """
+    compute = model.compute_s * per_worker_batch / model.batch
+    backward = compute * profile.backward_share
+    buckets = ready_buckets(profile, backward, model.bucket_bytes, model.grad_bytes,
+                            model.wire_bytes, num_params)
+    timeline = overlap(buckets, comm_time, backward)
+    whole = comm_time(num_params * model.wire_bytes)
+    return {"compute_s": compute, "backward_s": backward, "num_buckets": len(buckets),
+            "bucket_mb": [round(b.wire_bytes / 1e6, 2) for b in buckets],
+            "allreduce_s": whole, "bucketed_comm_s": timeline.comm_s,
+            "exposed_s": timeline.exposed_s,
+            "step_s": compute + timeline.exposed_s, "step_no_overlap_s": compute + whole,
+            "efficiency": compute / (compute + timeline.exposed_s),
+            "efficiency_no_overlap": compute / (compute + whole)}
+
+
+def predict_abci(num_gpus: int, cluster: Cluster = ABCI, profile: BackwardProfile | None = None,
+                 model: StepModel = StepModel()) -> dict:
+    """ResNet-50 fp16 on ABCI at the paper's 32 images per GPU: every algorithm with and
+    without overlap, and the 90-epoch time of the paper's batch-size control on
+    ``num_gpus`` GPUs (torus, overlapped; compute and data loading only, nothing else)."""
+    profile = profile or load_profile()
     x = cluster.workers_per_node
     y = num_gpus // x
-    size = RESNET50_PARAMS * FP16_BYTES
-    times = {
-        "ring": ring_cost(size, num_gpus).time(cluster),
-        "torus": torus_cost(size, x, y, cluster.inter_links_per_node).time(cluster),
-        "hierarchical": hierarchical_cost(size, x, y).time(cluster),
-    }
-    efficiency = {k: STEP_COMPUTE_S / (STEP_COMPUTE_S + t) for k, t in times.items()}
-    steps = EPOCHS * IMAGENET_TRAIN / (32 * num_gpus)
-    return {"gpus": num_gpus, "grid": f"{y}x{x}", "allreduce_s": times,
-            "scaling_efficiency": efficiency,
-            "train_seconds_torus": steps * (STEP_COMPUTE_S + times["torus"]),
-            "paper": PAPER.get(num_gpus, {})}
+    per_algorithm = {}
+    for name in ALGORITHMS:
+        comm = lambda size, name=name: allreduce_time(name, size, x, y, cluster)  # noqa: E731
+        per_algorithm[name] = predict_step(STEP_COMPUTE_BATCH, comm, profile, model)
+    train_s = {"overlap": 0.0, "no_overlap": 0.0}
+    bounds = [start for start, _ in PAPER_PHASES[1:]] + [EPOCHS]
+    for (start, batch), end in zip(PAPER_PHASES, bounds, strict=True):
+        comm = lambda size: allreduce_time("torus", size, x, y, cluster)  # noqa: E731
+        step = predict_step(batch / num_gpus, comm, profile, model)
+        steps = (end - start) * IMAGENET_TRAIN / batch
+        train_s["overlap"] += steps * step["step_s"]
+        train_s["no_overlap"] += steps * step["step_no_overlap_s"]
+    return {"gpus": num_gpus, "grid": f"{y}x{x}", "algorithms": per_algorithm,
+            "train_seconds_torus": train_s, "paper": PAPER.get(num_gpus, {})}
+
+
+def calibrate_compute(cluster: Cluster = ABCI, profile: BackwardProfile | None = None,
+                      model: StepModel = StepModel(), num_gpus: int = 2176,
+                      train_seconds: float = PAPER[2176]["train_seconds"]) -> float:
+    """The per-step compute (``model.batch`` images) at which the model's 90 epochs of
+    the paper's batch-size control on ``num_gpus`` GPUs take ``train_seconds``.
+
+    The paper gives no per-GPU rate, only end-to-end figures; this is the effective V100
+    step time its 224 s implies (everything in its wall clock that is not exposed
+    all-reduce counts as compute). Step time only grows with compute, so bisection finds it.
+    """
+    profile = profile or load_profile()
+    low, high = 1e-4, 10.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        trial = replace(model, compute_s=middle)
+        seconds = predict_abci(num_gpus, cluster, profile, trial)["train_seconds_torus"]["overlap"]
+        low, high = (middle, high) if seconds < train_seconds else (low, middle)
+    return (low + high) / 2

@@ -10,8 +10,11 @@ over the workers, and recommend one grid and algorithm.
 Recommendation: the candidate with the highest predicted throughput, averaged over the
 batch phases, where one step takes ``largest per-worker share / worker images/s`` of
 compute (the costmodel's V100 figure unless ``--worker-images-per-sec`` says otherwise)
-plus the fastest algorithm's all-reduce; compute and communication are assumed not to
-overlap (conservative). Ties go to the longer rows, as in the policy.
+plus the fastest algorithm's *exposed* all-reduce: the costmodel's overlap model, where
+gradient buckets are reduced during the backward pass as they become ready (ResNet-50's
+measured backward profile, stretched to the model's size) and only what outlasts the
+backward adds to the step. ``--no-overlap`` adds the whole all-reduce instead (the old,
+conservative model). Ties go to the longer rows, as in the policy.
 
 The planning core (:func:`node_slots`, :func:`candidate_grids`, :func:`evaluate`,
 :func:`recommend`) is pure: no Ray, no torch.
@@ -27,10 +30,15 @@ from dataclasses import asdict, dataclass, replace
 
 from flashtrain.costmodel import (
     ABCI,
+    ASSUMPTIONS,
     STEP_COMPUTE_S,
+    BackwardProfile,
     Cluster,
     Link,
+    StepModel,
     hierarchical_cost,
+    load_profile,
+    predict_step,
     ring_cost,
     torus_cost,
 )
@@ -63,6 +71,7 @@ class Candidate:
     even_split: dict[int, bool]
     step_s: dict[int, float]  # global batch -> predicted step time with the best algorithm
     images_per_sec: float  # averaged over the phases
+    exposed_s: dict[int, float]  # global batch -> all-reduce time left after the backward
 
 
 @dataclass(frozen=True)
@@ -132,8 +141,16 @@ def allreduce_times(grid: Grid, size_bytes: float, cluster: Cluster, single_node
 
 
 def evaluate(slots: Mapping[int, int], size_bytes: float, batches: Sequence[int],
-             cluster: Cluster, worker_images_per_sec: float) -> list[Candidate]:
-    """Every candidate grid with its predicted all-reduce and step times."""
+             cluster: Cluster, worker_images_per_sec: float, *, overlap: bool = True,
+             wire_bytes: int = 2, bucket_mb: float = ASSUMPTIONS["bucket_mb"].value,
+             profile: BackwardProfile | None = None) -> list[Candidate]:
+    """Every candidate grid with its predicted all-reduce and step times.
+
+    ``size_bytes`` is the gradient on the wire (``wire_bytes`` per element); buckets hold
+    ``bucket_mb`` MiB of fp32 gradients, as the workers bucket them.
+    """
+    if overlap and profile is None:
+        profile = load_profile()
     if not batches or min(batches) < 1:
         raise PlanError("the global batch must be >= 1")
     candidates = []
@@ -142,16 +159,36 @@ def evaluate(slots: Mapping[int, int], size_bytes: float, batches: Sequence[int]
         single_node = sum(1 for n in slots.values() if n >= grid.cols) == 1
         times = allreduce_times(grid, size_bytes, cluster, single_node)
         best = min(ALGORITHMS, key=lambda name: (times[name], ALGORITHMS.index(name)))
-        shares, even, step_s = {}, {}, {}
+        shares, even, step_s, exposed = {}, {}, {}, {}
         for batch in batches:
             split = split_batch(batch, grid.num_workers)
             shares[batch] = (min(split), max(split))
             even[batch] = batch % grid.num_workers == 0
-            step_s[batch] = max(split) / worker_images_per_sec + times[best]
+            compute = max(split) / worker_images_per_sec
+            exposed[batch] = times[best]
+            if overlap and times[best] > 0:
+                exposed[batch] = overlapped_exposure(
+                    grid, single_node, cluster, best, compute, size_bytes, wire_bytes,
+                    bucket_mb, profile)
+            step_s[batch] = compute + exposed[batch]
         ips = sum(batch / step_s[batch] for batch in batches) / len(batches)
         candidates.append(Candidate(str(grid), grid.rows, grid.cols, grid.num_workers, idle,
-                                    times, best, shares, even, step_s, ips))
+                                    times, best, shares, even, step_s, ips, exposed))
     return candidates
+
+
+def overlapped_exposure(grid: Grid, single_node: bool, cluster: Cluster, algorithm: str,
+                        compute_s: float, size_bytes: float, wire_bytes: int,
+                        bucket_mb: float, profile: BackwardProfile) -> float:
+    """The costmodel's overlap of ``algorithm``'s bucketed all-reduces with the backward
+    of a step of ``compute_s``; each bucket timed as :func:`allreduce_times` times it."""
+    def comm_time(nbytes: float) -> float:
+        return allreduce_times(grid, nbytes, cluster, single_node)[algorithm]
+
+    model = StepModel(compute_s=compute_s, batch=1, bucket_bytes=bucket_mb * 2**20,
+                      wire_bytes=wire_bytes)
+    step = predict_step(1, comm_time, profile, model, num_params=size_bytes / wire_bytes)
+    return step["exposed_s"]
 
 
 def recommend(candidates: Sequence[Candidate], batches: Sequence[int]) -> Recommendation:
@@ -207,6 +244,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     job.add_argument("--global-batch", type=int, help="global batch (overrides the config's phases)")
     job.add_argument("--comm-dtype", choices=sorted(DTYPE_BYTES),
                      help="gradient dtype on the wire (default: the config's, else fp32)")
+    job.add_argument("--bucket-mb", type=float,
+                     help="gradient bucket size in MiB of fp32 gradients (default: the config's "
+                     f"collective.bucket_mb, else {ASSUMPTIONS['bucket_mb'].value:g})")
+    job.add_argument("--no-overlap", action="store_true",
+                     help="assume the all-reduce starts after the backward pass (old model)")
     job.add_argument("--worker-images-per-sec", type=float, default=DEFAULT_WORKER_IMAGES_PER_SEC,
                      help="compute rate of one worker (default %(default).0f: the costmodel's "
                      "V100 ResNet-50 fp16 assumption)")
@@ -245,6 +287,10 @@ def resolve_job(args: argparse.Namespace) -> dict:
         model = args.model or (config.model.name if config else "resnet50")
         params = count_parameters(model, args.num_classes)
     dtype = args.comm_dtype or (config.collective.comm_dtype if config else "fp32")
+    bucket_mb = args.bucket_mb or (config.collective.bucket_mb if config
+                                   else ASSUMPTIONS["bucket_mb"].value)
+    if bucket_mb <= 0:
+        raise PlanError(f"--bucket-mb {bucket_mb:g}: must be > 0")
     if args.global_batch is not None:
         if args.global_batch < 1:
             raise PlanError(f"--global-batch {args.global_batch}: must be >= 1")
@@ -262,24 +308,27 @@ def resolve_job(args: argparse.Namespace) -> dict:
         raise PlanError("latencies must be >= 0 and --inter-links-per-node >= 1")
     return {"model": model, "params": params, "comm_dtype": dtype,
             "bytes": params * DTYPE_BYTES[dtype], "global_batches": sorted(set(batches)),
+            "bucket_mb": bucket_mb, "overlap": not args.no_overlap,
             "config_phase_grids": [g for g in phase_grids if g]}
 
 
 def format_table(candidates: Sequence[Candidate], batches: Sequence[int], chosen: Candidate) -> str:
     batch_cols = "".join(f"{'b/w@' + str(b):>14}" for b in batches)
+    exposed_cols = "".join(f"{'exp ms@' + str(b):>14}" for b in batches)
     lines = [f"  {'grid':>9}{'workers':>8}{'idle':>6}{'torus ms':>10}{'ring ms':>10}"
-             f"{'hier ms':>10}{'best':>14}{batch_cols}{'pred img/s':>13}"]
+             f"{'hier ms':>10}{'best':>14}{batch_cols}{exposed_cols}{'pred img/s':>13}"]
     for c in candidates:
         shares = ""
         for b in batches:
             low, high = c.per_worker_batch[b]
             text = f"{high}" if low == high else f"{low}-{high}"
             shares += f"{text + ('' if c.even_split[b] else ' uneven'):>14}"
+        exposed = "".join(f"{c.exposed_s[b] * 1e3:>14.2f}" for b in batches)
         mark = "*" if c is chosen else " "
         t = c.allreduce_s
         lines.append(f"{mark} {c.grid:>9}{c.num_workers:>8}{c.num_idle:>6}{t['torus'] * 1e3:>10.2f}"
                      f"{t['ring'] * 1e3:>10.2f}{t['hierarchical'] * 1e3:>10.2f}"
-                     f"{c.best_algorithm:>14}{shares}{c.images_per_sec:>13,.0f}")
+                     f"{c.best_algorithm:>14}{shares}{exposed}{c.images_per_sec:>13,.0f}")
     return "\n".join(lines)
 
 
@@ -290,7 +339,8 @@ def plan(args: argparse.Namespace) -> dict:
                            Link(args.inter_latency_us * 1e-6, 1 / (args.inter_gbps * 1e9)),
                            args.gpus_per_node, args.inter_links_per_node)
     candidates = evaluate(slots, job["bytes"], job["global_batches"], cluster,
-                          args.worker_images_per_sec)
+                          args.worker_images_per_sec, overlap=job["overlap"],
+                          wire_bytes=DTYPE_BYTES[job["comm_dtype"]], bucket_mb=job["bucket_mb"])
     choice = recommend(candidates, job["global_batches"])
     return {"cluster": {"nodes": len(slots), "slots_per_node": sorted(set(slots.values())),
                         "num_workers": sum(slots.values()), "links": asdict(cluster)},
@@ -304,6 +354,7 @@ def to_json(result: dict) -> dict:
         data["per_worker_batch"] = {str(b): list(v) for b, v in c.per_worker_batch.items()}
         data["even_split"] = {str(b): v for b, v in c.even_split.items()}
         data["step_s"] = {str(b): v for b, v in c.step_s.items()}
+        data["exposed_s"] = {str(b): v for b, v in c.exposed_s.items()}
         return data
 
     choice: Recommendation = result["recommendation"]
@@ -324,7 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     job, cl = result["job"], result["cluster"]
     print(f"{job['model']}: {job['params']:,} parameters, {job['comm_dtype']} gradients "
           f"= {job['bytes'] / 1e6:.3g} MB per all-reduce; {cl['num_workers']} workers on "
-          f"{cl['nodes']} node(s); compute {result['worker_images_per_sec']:.0f} images/s per worker")
+          f"{cl['nodes']} node(s); compute {result['worker_images_per_sec']:.0f} images/s per worker; "
+          + (f"all-reduce overlapped with the backward in {job['bucket_mb']:g} MiB buckets"
+             if job["overlap"] else "all-reduce after the backward (--no-overlap)"))
     if job["config_phase_grids"]:
         print(f"the config's phases name grids {', '.join(job['config_phase_grids'])}")
     choice = result["recommendation"]

@@ -13,7 +13,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashtrain.costmodel import ABCI, RESNET50_PARAMS, ring_cost, torus_cost
+from flashtrain.costmodel import (
+    ABCI,
+    RESNET50_PARAMS,
+    StepModel,
+    allreduce_time,
+    load_profile,
+    predict_step,
+    ring_cost,
+    torus_cost,
+)
 from flashtrain.plan import (
     DEFAULT_WORKER_IMAGES_PER_SEC,
     PlanError,
@@ -147,3 +156,23 @@ def test_cli_reads_the_paper_config_and_writes_json(tmp_path):
     assert data["job"]["comm_dtype"] == "fp16"
     assert data["recommendation"]["grid"] == "544x4"
     assert {c["grid"] for c in data["candidates"]} >= {"544x4", "1088x2", "2176x1"}
+
+
+def test_step_time_is_the_costmodels_overlap_model():
+    """The planner's exposed all-reduce is the costmodel's prediction for the same step;
+    without overlap it is the whole all-reduce."""
+    slots = node_slots(544, 4, None)
+    batch = 69632  # 32 per GPU
+    chosen = next(c for c in evaluate(slots, RESNET50_FP16, [batch], ABCI,
+                                      DEFAULT_WORKER_IMAGES_PER_SEC, bucket_mb=64)
+                  if c.grid == "544x4")
+    comm = lambda size: allreduce_time("torus", size, 4, 544, ABCI)  # noqa: E731
+    expected = predict_step(32, comm, load_profile(),
+                            StepModel(compute_s=32 / DEFAULT_WORKER_IMAGES_PER_SEC, batch=32,
+                                      bucket_bytes=64 * 2**20), num_params=RESNET50_PARAMS)
+    assert chosen.exposed_s[batch] == pytest.approx(expected["exposed_s"])
+    assert chosen.step_s[batch] == pytest.approx(expected["step_s"])
+    serial = next(c for c in evaluate(slots, RESNET50_FP16, [batch], ABCI,
+                                      DEFAULT_WORKER_IMAGES_PER_SEC, overlap=False)
+                  if c.grid == "544x4")
+    assert serial.exposed_s[batch] == pytest.approx(serial.allreduce_s["torus"])
