@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("allreduce", "costmodel", "throughput", "elastic", "chaos", "rehearsal", "recipe")
+BENCHMARKS = ("allreduce", "costmodel", "throughput", "elastic", "chaos", "rehearsal", "recipe", "control")
 USAGE = f"usage: python -m flashtrain.bench <{'|'.join(BENCHMARKS)}> [options]  (--help per benchmark)"
 
 

@@ -1,0 +1,214 @@
+"""``python -m flashtrain.bench control``: what the driver costs per step, per-step loop
+against step windows, as the grid grows.
+
+The driver's own loop (:meth:`flashtrain.driver.trainer.Trainer._loop`: the clock actor,
+the elastic controller's fail-fast calls on every member, the metrics records, commits)
+runs unchanged against *stub* workers: Ray actors, spread over an emulated cluster
+(``ray.cluster_utils.Cluster``), that answer ``train_window`` and ``commit`` at once
+without training. What is left of a step's time is the control plane's: the driver's
+calls and its waiting for N answers. It is measured for N workers in two modes:
+
+* ``per-step``: ``runtime.step_windows=false``, one call per worker per step (and a
+  commit call per worker every ``elastic.commit_every_steps``), as before windows;
+* ``windowed``: one call per worker per window (the steps up to the next commit
+  boundary, with the commit folded in).
+
+It prints driver milliseconds per step and worker calls per step for each N, fits
+``ms = a + b * N`` per mode (least squares) and extrapolates to the paper's 2,176 workers
+beside the paper's step time (about 0.1 s: 90 epochs of 1.28 M images at 34K-68K per step
+in 224 s is roughly 2,700 steps in 224 s, 0.083 s a step).
+
+On one machine the stubs' processes share the driver's cores, so these figures include
+their wake-ups; on a real cluster the members run elsewhere. Both modes pay that alike,
+and the comparison is between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from flashtrain.config import load_config
+from flashtrain.driver.progress import Progress
+from flashtrain.driver.trainer import Trainer
+from flashtrain.elastic.controller import ElasticController, GridState
+from flashtrain.elastic.membership import Member
+from flashtrain.topology import Grid
+from flashtrain.train.clock import StepPlan, StepResult, TrainingClock
+
+PAPER_WORKERS = 2176
+PAPER_STEP_S = 224 / 2700  # see the module docstring
+PER_WORKER_BATCH = 32
+
+
+@ray.remote(num_cpus=0)
+class StubWorker:
+    """Answers the driver's step-loop calls at once, like a worker with nothing to train.
+    Counts the calls it gets."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.calls = 0
+
+    def train_window(self, plans: list[StepPlan], commit: bool = False) -> list[StepResult]:
+        self.calls += 1
+        now = time.time()
+        return [StepResult(p.global_step, self.rank, PER_WORKER_BATCH, 0.0, 0, 0.0, 0.0,
+                           seconds=0.0, finished_at=now) for p in plans]
+
+    def commit(self, step: int) -> int:
+        self.calls += 1
+        return 0
+
+    def validate(self) -> dict:
+        self.calls += 1
+        return {"top1": 0, "top5": 0, "count": 1, "loss_sum": 0.0, "skipped": 0}
+
+    def abort_collectives(self, generation: int, reason: str) -> bool:
+        return False
+
+    def take_calls(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flashtrain.bench control",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="4,16,64,128",
+                        help="comma-separated worker counts (default 4,16,64,128)")
+    parser.add_argument("--steps", type=int, default=100, help="steps per measurement")
+    parser.add_argument("--commit-every", type=int, default=5,
+                        help="elastic.commit_every_steps: the window length (default 5, the "
+                             "project's default)")
+    parser.add_argument("--nodes", type=int, default=4, help="emulated Ray nodes (default 4)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measurements per (N, mode); the median is reported")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = sorted({int(n) for n in args.workers.split(",")})
+    except ValueError:
+        parser.error(f"--workers {args.workers!r}: give comma-separated integers, e.g. 4,16,64")
+    if not args.sizes or args.sizes[0] < 1 or args.steps < 1 or args.commit_every < 1:
+        parser.error("--workers, --steps and --commit-every must be positive")
+    return args
+
+
+def start_cluster(nodes: int):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def measure(stubs: list, size: int, windowed: bool, args: argparse.Namespace,
+            workdir: Path) -> dict:
+    """Run the driver's loop for ``args.steps`` steps over the first ``size`` stubs."""
+    grid = Grid(1, size)
+    global_batch = PER_WORKER_BATCH * size
+    config = load_config(None, [
+        f"grid.shape=1x{size}", "runtime.progress=false", "runtime.log_every_steps=1",
+        f"runtime.step_windows={str(windowed).lower()}", "checkpoint.every_steps=1000000000",
+        f"elastic.commit_every_steps={args.commit_every}", "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        f"schedule.phases=[{{start_epoch: 0, global_batch: {global_batch}}}]"])
+    run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix=f"n{size}-"))
+    trainer = Trainer(config, run_dir, workdir, say=lambda *_: None)
+    controller = ElasticController(config, workdir, trainer.metrics, say=lambda *_: None)
+    controller.state = GridState(grid, 0, [Member(s, "stub", None, 0) for s in stubs[:size]])
+    controller.target = grid
+    trainer.controller = controller
+    trainer._start_clock(TrainingClock(num_samples=global_batch * args.steps, seed=0,
+                                       min_tail=0).state_dict())
+    ray.get([s.take_calls.remote() for s in stubs[:size]])
+    began = time.perf_counter()
+    trainer._loop(Progress(args.steps, 0, enabled=False))
+    seconds = time.perf_counter() - began
+    calls = sum(ray.get([s.take_calls.remote() for s in stubs[:size]]))
+    trainer.metrics.close()
+    ray.kill(trainer.clock, no_restart=True)
+    return {"workers": size, "mode": "windowed" if windowed else "per-step",
+            "ms_per_step": 1000 * seconds / args.steps,
+            "calls_per_worker_per_step": calls / size / args.steps}
+
+
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``(a, b)`` of ``y = a + b * n``."""
+    count = len(points)
+    if count == 1:
+        return points[0][1], 0.0
+    mean_n = sum(n for n, _ in points) / count
+    mean_y = sum(y for _, y in points) / count
+    spread = sum((n - mean_n) ** 2 for n, _ in points)
+    slope = sum((n - mean_n) * (y - mean_y) for n, y in points) / spread
+    return mean_y - slope * mean_n, slope
+
+
+def run(args: argparse.Namespace) -> dict:
+    cluster = start_cluster(args.nodes)
+    try:
+        stubs = [StubWorker.options(scheduling_strategy="SPREAD").remote(rank)
+                 for rank in range(args.sizes[-1])]
+        ray.get([s.take_calls.remote() for s in stubs], timeout=900)  # all started
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="flashtrain-control-") as workdir:
+            for size in args.sizes:
+                for windowed in (False, True):
+                    runs = [measure(stubs, size, windowed, args, Path(workdir))
+                            for _ in range(args.repeats)]
+                    runs.sort(key=lambda r: r["ms_per_step"])
+                    row = runs[len(runs) // 2]
+                    row["ms_per_step_runs"] = [round(r["ms_per_step"], 3) for r in runs]
+                    rows.append(row)
+                    print(f"  N={size:<5} {row['mode']:<9} {row['ms_per_step']:8.2f} ms/step",
+                          flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    fits = {}
+    for mode in ("per-step", "windowed"):
+        a, b = fit_line([(r["workers"], r["ms_per_step"]) for r in rows if r["mode"] == mode])
+        fits[mode] = {"a_ms": a, "b_ms_per_worker": b,
+                      "at_paper_scale_ms": a + b * PAPER_WORKERS}
+    return {"benchmark": "control", "steps": args.steps, "commit_every": args.commit_every,
+            "nodes": args.nodes, "rows": rows, "fits": fits,
+            "paper_workers": PAPER_WORKERS, "paper_step_ms": 1000 * PAPER_STEP_S}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"driver cost per step, stub workers on {result['nodes']} emulated nodes, "
+             f"{result['steps']} steps, commit every {result['commit_every']} steps",
+             f"{'workers':>8}{'per-step ms':>13}{'windowed ms':>13}{'ratio':>8}"
+             f"{'calls/worker/step':>19}"]
+    by = {(r["workers"], r["mode"]): r for r in result["rows"]}
+    for size in sorted({r["workers"] for r in result["rows"]}):
+        step, window = by[(size, "per-step")], by[(size, "windowed")]
+        lines.append(f"{size:>8}{step['ms_per_step']:>13.2f}{window['ms_per_step']:>13.2f}"
+                     f"{window['ms_per_step'] / step['ms_per_step']:>8.2f}"
+                     f"{step['calls_per_worker_per_step']:>9.2f} ->"
+                     f"{window['calls_per_worker_per_step']:>6.2f}")
+    for mode, fit in result["fits"].items():
+        share = fit["at_paper_scale_ms"] / result["paper_step_ms"]
+        lines.append(f"{mode:>9}: ms/step = {fit['a_ms']:.2f} + {fit['b_ms_per_worker']:.4f} * N"
+                     f"  -> {fit['at_paper_scale_ms']:.0f} ms at N={result['paper_workers']:,}"
+                     f" ({share:.1f}x the paper's {result['paper_step_ms']:.0f} ms step)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
