@@ -6,6 +6,11 @@ groups (and, as the peer to beat, Ray's built-in gloo over the world group: row
 algbw = S/t and busbw = algbw * 2(n-1)/n (the nccl-tests definitions) and the time
 ratio against ``flat``. ``--check`` verifies every result against an independent
 float64 sum and exits 1 on a mismatch.
+
+Given several sizes, it also names for each algorithm the smallest size whose busbw is
+within ``--knee`` of the best it reached: the bucket size to choose (a smaller bucket
+starts its all-reduce earlier in the backward; below the knee the per-call latency
+dominates). ``collective.bucket_mb``'s default comes from this sweep (README).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flashtrain.topology import Grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PEER = "ray_gloo"
+UNPIPELINED = "torus_unpipelined"  # the torus's three phases one after the other
 _PEER_GROUP = "bench-ray-gloo"
 
 
@@ -31,7 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--elements", default="1000000",
                         help="comma-separated element counts, e.g. 1000000,25000000")
     parser.add_argument("--algos", default="flat,torus,hierarchical",
-                        help=f"comma-separated algorithms; add {PEER} for Ray's built-in gloo")
+                        help=f"comma-separated algorithms; add {PEER} for Ray's built-in gloo, "
+                        f"{UNPIPELINED} for the torus without its chunk pipeline")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per cell")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
@@ -39,6 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} row")
     parser.add_argument("--check", action="store_true",
                         help="verify results against a float64 sum; exit 1 on mismatch")
+    parser.add_argument("--knee", type=float, default=0.9,
+                        help="bucket choice: smallest size within this fraction of the best busbw")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     args.elements = [int(n) for n in args.elements.split(",") if n]
@@ -110,7 +119,10 @@ def _make_actor_class():
             else:
                 from flashtrain.collective import allreduce_
 
-                allreduce_(buffer, self.comm, algo)
+                if algo == UNPIPELINED:
+                    allreduce_(buffer, self.comm, "torus", pipeline_chunks=1)
+                else:
+                    allreduce_(buffer, self.comm, algo)
 
     return BenchWorker
 
@@ -148,6 +160,21 @@ def _add_ratios(records: list[dict]) -> None:
         record["vs_flat"] = record["median_s"] / base if base else None
 
 
+def bucket_choice(records: list[dict], knee: float) -> dict[str, dict]:
+    """Per algorithm (over at least two sizes): the smallest size whose busbw is at least
+    ``knee`` times the best busbw of that algorithm."""
+    choices = {}
+    for algo in dict.fromkeys(r["algo"] for r in records):
+        rows = sorted((r for r in records if r["algo"] == algo), key=lambda r: r["bytes"])
+        if len(rows) < 2:
+            continue
+        best = max(r["busbw_GBps"] for r in rows)
+        chosen = next(r for r in rows if r["busbw_GBps"] >= knee * best)
+        choices[algo] = {"bytes": chosen["bytes"], "MiB": chosen["bytes"] / 2**20,
+                         "busbw_GBps": chosen["busbw_GBps"], "best_busbw_GBps": best}
+    return choices
+
+
 def format_table(records: list[dict], args) -> str:
     header = (f"all-reduce on grid {args.grid} ({args.grid.num_workers} CPU actors), "
               f"{args.dtype}, median of {args.iters}")
@@ -159,6 +186,9 @@ def format_table(records: list[dict], args) -> str:
         lines.append(f"{r['algo']:<13}{r['elements']:>12}{r['bytes'] / 1e6:>9.1f}"
                      f"{r['median_s'] * 1e3:>10.2f}{r['algbw_GBps']:>12.3f}"
                      f"{r['busbw_GBps']:>12.3f}{ratio:>9}{check:>7}")
+    for algo, choice in bucket_choice(records, args.knee).items():
+        lines.append(f"{algo}: smallest size within {args.knee:.0%} of its best busbw "
+                     f"({choice['best_busbw_GBps']:.3f} GB/s): {choice['MiB']:.1f} MiB")
     return "\n".join(lines)
 
 
@@ -183,6 +213,7 @@ def main(argv: list[str]) -> int:
         meta = {"grid": str(args.grid), "dtype": args.dtype, "iters": args.iters,
                 "cpu_count": os.cpu_count(), "num_workers": n}
         with open(args.json, "w") as handle:
-            json.dump({"meta": meta, "results": records}, handle, indent=2)
+            json.dump({"meta": meta, "results": records,
+                       "bucket_choice": bucket_choice(records, args.knee)}, handle, indent=2)
     failed = [r for r in records if r.get("check_ok") is False]
     return 1 if failed else 0

@@ -224,12 +224,19 @@ class _RingTransport(_NativeTransport):
 # ----------------------------------------------------------------------- algorithms
 
 
-def _torus(x, acc, comm, transport, wire_dtype, scale) -> None:
+# A chunk's shard must stay large enough that each of its messages runs near link
+# bandwidth; 8 chunks already hide all but 1/8 of the shorter phase.
+PIPELINE_MIN_CHUNK_BYTES = 2 * 2**20
+PIPELINE_MAX_CHUNKS = 8
+
+
+def _torus(x, acc, comm, transport, wire_dtype, scale,
+           max_chunks: int = PIPELINE_MAX_CHUNKS) -> None:
     cols = comm.grid.cols
     gathered = (acc if acc.dtype == wire_dtype
                 else torch.empty(acc.numel(), dtype=wire_dtype, device=acc.device))
     phases = _TorusPhases(acc.view(cols, -1), gathered.view(cols, -1), comm, transport, scale)
-    spans = pipeline_spans(acc.numel() // cols, acc.element_size(), comm)
+    spans = pipeline_spans(acc.numel() // cols, acc.element_size(), comm, max_chunks)
     if len(spans) == 1:
         phases.reduce_scatter(spans[0])
         phases.column_allreduce(spans[0])
@@ -239,13 +246,8 @@ def _torus(x, acc, comm, transport, wire_dtype, scale) -> None:
     _copy_out(x, gathered)
 
 
-# A chunk's shard must stay large enough that each of its messages runs near link
-# bandwidth; 8 chunks already hide all but 1/8 of the shorter phase.
-PIPELINE_MIN_CHUNK_BYTES = 2 * 2**20
-PIPELINE_MAX_CHUNKS = 8
-
-
-def pipeline_spans(shard_numel: int, element_size: int, comm: GridComm) -> list[tuple[int, int]]:
+def pipeline_spans(shard_numel: int, element_size: int, comm: GridComm,
+                   max_chunks: int = PIPELINE_MAX_CHUNKS) -> list[tuple[int, int]]:
     """Element ranges ``[start, stop)`` of each worker's shard that the torus pipelines.
 
     One span (no pipelining) when the grid has a single row or column (one phase only),
@@ -253,7 +255,7 @@ def pipeline_spans(shard_numel: int, element_size: int, comm: GridComm) -> list[
     or when the shard is too small to split.
     """
     grid = comm.grid
-    chunks = min(PIPELINE_MAX_CHUNKS, shard_numel * element_size // PIPELINE_MIN_CHUNK_BYTES)
+    chunks = min(max_chunks, shard_numel * element_size // PIPELINE_MIN_CHUNK_BYTES)
     if comm.backend != "gloo" or grid.rows == 1 or grid.cols == 1 or chunks < 2:
         return [(0, shard_numel)]
     bounds = [shard_numel * k // chunks for k in range(chunks + 1)]
@@ -421,10 +423,13 @@ def _working_buffer(x: torch.Tensor, acc_dtype: torch.dtype, parts: int) -> torc
 
 
 def allreduce_(tensor: torch.Tensor, comm: GridComm, algorithm: str = "torus",
-               op: str = "sum", comm_dtype: torch.dtype | None = None) -> torch.Tensor:
+               op: str = "sum", comm_dtype: torch.dtype | None = None, *,
+               pipeline_chunks: int = PIPELINE_MAX_CHUNKS) -> torch.Tensor:
     """All-reduce the flat ``tensor`` in place over the whole grid; returns it.
 
-    Every rank of the grid must call it with the same algorithm, size and dtypes. The
+    ``pipeline_chunks``: the most chunks the gloo torus pipelines a buffer over (1: the
+    three phases one after the other). Every rank of the grid must call it with the same
+    algorithm, size, dtypes and ``pipeline_chunks``. The
     whole call is bounded by ``comm.timeout_s`` (gloo): a dead or hung peer raises
     :class:`CollectiveTimeoutError` naming the group, rank and operation.
     """
@@ -442,7 +447,10 @@ def allreduce_(tensor: torch.Tensor, comm: GridComm, algorithm: str = "torus",
     acc = _working_buffer(tensor, acc_dtype, parts)
     scale = 1.0 / comm.grid.num_workers if op == "mean" else 1.0
     with _deadline(comm):
-        _ALGORITHM_FUNCS[algorithm](tensor, acc, comm, transport, wire_dtype, scale)
+        if algorithm == "torus":
+            _torus(tensor, acc, comm, transport, wire_dtype, scale, pipeline_chunks)
+        else:
+            _ALGORITHM_FUNCS[algorithm](tensor, acc, comm, transport, wire_dtype, scale)
     return tensor
 
 
