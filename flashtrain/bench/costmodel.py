@@ -28,6 +28,7 @@ from flashtrain.costmodel import (
     PAPER,
     PROFILE_PATH,
     Cluster,
+    Link,
     StepModel,
     allreduce_time,
     calibrate_compute,
@@ -100,6 +101,30 @@ def abci_report(profile, model: StepModel) -> dict:
             for name, m in bases.items()}
 
 
+def sensitivity(profile, model: StepModel) -> list[dict]:
+    """The 1,088-GPU torus efficiency when one input changes (compute recalibrated to the
+    paper's 224 s each time, except where the compute basis is what changes): which
+    inputs carry the result."""
+    def efficiency(cluster: Cluster, step: StepModel, calibrate: bool = True) -> dict:
+        if calibrate:
+            step = replace(step, compute_s=calibrate_compute(cluster, profile, step))
+        torus = predict_abci(1088, cluster, profile, step)["algorithms"]["torus"]
+        return {"efficiency_1088": torus["efficiency"], "step_compute_s": step.compute_s}
+
+    no_plateau = replace(ABCI, intra=Link(ABCI.intra.alpha / 1.9, ABCI.intra.beta),
+                         inter=Link(ABCI.inter.alpha / 1.9, ABCI.inter.beta))
+    slow_ib = replace(ABCI, inter=Link(ABCI.inter.alpha, ABCI.inter.beta * 2))
+    cases = [("shipped: calibrated compute, NCCL latencies, 64 MiB buckets", ABCI, model, True),
+             ("compute from the V100 benchmark instead of the paper's 224 s", ABCI, model, False),
+             ("NCCL latencies without the 1.9 plateau factor", no_plateau, model, True),
+             ("inter-node bandwidth halved (5 GB/s per flow)", slow_ib, model, True),
+             ("25 MiB buckets (the default config's)", ABCI,
+              replace(model, bucket_bytes=25 * 2**20), True),
+             ("one bucket (no overlap possible)", ABCI, replace(model, bucket_bytes=2**40), True)]
+    return [{"case": name, **efficiency(cluster, step, calibrate)}
+            for name, cluster, step, calibrate in cases]
+
+
 def local_check(link, compute: dict, throughput_path: str) -> list[dict]:
     """The model with this machine's fitted constants against the sync time the
     throughput run measured (every link is the same loopback: intra = inter)."""
@@ -137,8 +162,6 @@ def run_fits(paths: list[str]) -> dict:
             print(f"fitted from {path} ({c['model']}, {c['num_workers']} workers): compute "
                   f"{c['seconds_per_image'] * 1e3:.2f} ms per image per worker")
     if "link" in fits and "compute" in fits:
-        from flashtrain.costmodel import Link
-
         link = Link(fits["link"]["alpha"], fits["link"]["beta"])
         fits["check"] = local_check(link, fits["compute"], fits["compute"]["file"])
         print("this machine, fitted constants vs the throughput run (no overlap):")
@@ -176,13 +199,20 @@ def main(argv: list[str]) -> int:
         output["fit"] = run_fits(args.fit)
     model = StepModel(bucket_bytes=args.bucket_mb * 2**20)
     output["abci"] = abci_report(profile, model)
-    for name, title in (("paper_calibrated", "effective V100 step time the paper's 224 s implies"),
+    for name, title in (("paper_calibrated", "the effective V100 step time the paper's 224 s "
+                         "implies; its 2,176-GPU time is 224 s by construction"),
                         ("v100_benchmark", "V100 benchmark compute rate")):
         base = output["abci"][name]
         print()
         print(format_predictions(
             f"ResNet-50 fp16, {args.bucket_mb:g} MiB buckets, 32 images per GPU; compute "
             f"{base['step_compute_s'] * 1e3:.1f} ms per step ({title}):", base["predictions"]))
+    output["sensitivity"] = sensitivity(profile, model)
+    print("\nwhich inputs carry the 1,088-GPU efficiency (torus, overlap; compute per step "
+          "of 32 images,\nrecalibrated to 224 s unless the compute basis is what changes):")
+    for row in output["sensitivity"]:
+        print(f"  {row['efficiency_1088']:>7.2%}  compute {row['step_compute_s'] * 1e3:6.1f} ms  "
+              f"{row['case']}")
     calibrated = output["abci"]["paper_calibrated"]["predictions"][0]["algorithms"]["torus"]
     print(f"\npaper: {PAPER[1088]['scaling_efficiency']:.2%} at 1,088 GPUs; model (calibrated "
           f"compute, torus, overlap): {calibrated['efficiency']:.2%} "
