@@ -103,7 +103,9 @@ def gray_difference(left: Image.Image, right: Image.Image) -> float:
 def test_report_plots_are_visible_in_chromium(finished_run: Path, tmp_path: Path) -> None:
     page = finished_run / "report.html"
     text = page.read_text()
-    assert "finished" in text and "ActorDiedError" in text and "2x2 -&gt; 3x1" in text
+    first_reform = next(r for r in read_metrics(finished_run) if r["kind"] == "reform")
+    assert "finished" in text and "2x2 -&gt; 3x1" in text
+    assert f"<td>{first_reform['cause']}</td>" in text
     embedded = [Image.open(io.BytesIO(base64.b64decode(d))) for d in IMG.findall(text)]
     assert len(embedded) == 5
 
@@ -151,11 +153,12 @@ def test_tensorboard_events_hold_the_runs_metrics(finished_run: Path) -> None:
     assert_same_points(loss, sorted((r["step"], r["loss"]) for r in steps))
     top1 = [(e.step, e.value) for e in accumulator.Scalars("epoch/top1")]
     assert_same_points(top1, [(r["epoch"], r["top1"]) for r in records if r["kind"] == "epoch"])
+    # At least the kill's re-form (a loaded machine may add one: a replacement joining,
+    # or a collective timeout), each at the step training resumed from.
     reforms = [r for r in records if r["kind"] == "reform"]
-    assert len(reforms) == 1
-    recovery = accumulator.Scalars("reform/recovery_seconds")
-    assert_same_points([(e.step, e.value) for e in recovery],
-                       [(reforms[0]["resume_step"], reforms[0]["recovery_seconds"])])
+    assert reforms and reforms[0]["failed_step"] == 4
+    recovery = sorted((e.step, e.value) for e in accumulator.Scalars("reform/recovery_seconds"))
+    assert_same_points(recovery, sorted((r["resume_step"], r["recovery_seconds"]) for r in reforms))
 
 
 def test_a_failed_run_writes_its_report_and_keeps_its_exit_code(tmp_path: Path) -> None:
