@@ -11,29 +11,47 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_bench(name: str, *args: str) -> subprocess.CompletedProcess:
+def run_bench(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     # The module itself, so the test does not depend on the dispatcher's list.
     return subprocess.run([sys.executable, "-m", f"flashtrain.bench.{name}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def test_throughput_reports_every_algorithm_and_the_peer(tmp_path):
-    out = tmp_path / "throughput.json"
-    result = run_bench("throughput", "--grid", "1x2", "--model", "tiny_cnn", "--algos",
-                       "flat,torus", "--steps", "3", "--warmup", "1", "--global-batch", "16",
-                       "--image-size", "16", "--json", str(out))
+def test_throughput_compares_flashtrain_with_raytrain_ddp(tmp_path):
+    """flat, torus and Ray Train v2 + DDP at 2 workers in one invocation; the per-step
+    split lands in metrics.jsonl and step_split.png of each kept run directory."""
+    out, runs = tmp_path / "throughput.json", tmp_path / "runs"
+    result = run_bench("throughput", "--workers", "2", "--model", "tiny_cnn", "--algos",
+                       "flat,torus", "--steps", "3", "--warmup", "1", "--per-worker-batch", "8",
+                       "--image-size", "16", "--json", str(out), "--keep-runs", str(runs),
+                       timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["meta"]["grid"] == "1x2" and data["meta"]["num_workers"] == 2
-    rows = {row["algo"]: row for row in data["results"]}
-    assert set(rows) == {"flat", "torus", "single_process"}
+    assert data["meta"]["workers"] == [2] and data["meta"]["per_worker_batch"] == 8
+    rows = {row["system"]: row for row in data["results"]}
+    assert set(rows) == {"flashtrain_flat", "flashtrain_torus", "raytrain_ddp"}
     for row in rows.values():
-        assert row["step_s"] > 0 and row["images_per_sec"] > 0 and row["compute_s"] >= 0
-    assert rows["flat"]["steps"] == 3 and rows["flat"]["global_batch"] == 16
-    assert rows["flat"]["speedup_vs_flat"] == 1.0
-    assert rows["torus"]["scaling_efficiency"] > 0
-    assert rows["single_process"]["global_batch"] == 8  # one worker's share
-    assert "torus" in result.stdout and "scaling eff" in result.stdout
+        assert row["workers"] == 2 and row["steps"] == 3 and row["global_batch"] == 16
+        assert row["step_s"] > 0 and row["images_per_sec"] > 0 and row["vs_raytrain"] > 0
+    assert rows["raytrain_ddp"]["vs_raytrain"] == 1.0
+    for name in ("flashtrain_flat", "flashtrain_torus"):
+        row = rows[name]
+        assert row["overlap"] is True and row["grid"] == "1x2"
+        assert row["compute_s"] > 0 and row["comm_exposed_s"] >= 0 and row["data_wait_s"] >= 0
+        run_dir = Path(row["run_dir"])
+        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line).get("kind") == "step"]
+        assert steps and all(0 < step["compute_seconds"] <= step["step_seconds"]
+                             and 0 <= step["comm_exposed_seconds"] <= step["step_seconds"]
+                             and 0 <= step["data_wait_seconds"] <= step["step_seconds"]
+                             for step in steps)
+        assert (run_dir / "step_split.png").stat().st_size > 0
+    assert "raytrain_ddp" in result.stdout and "vs RayTrain" in result.stdout
+
+
+def test_throughput_refuses_an_odd_worker_count():
+    result = run_bench("throughput", "--workers", "3")
+    assert result.returncode == 2 and "must be even" in result.stderr
 
 
 def test_rehearsal_removes_and_adds_a_node(tmp_path):
