@@ -44,7 +44,7 @@ class LossScaler:
         self.growth_interval = int(growth_interval)
         self.growth_tracker = 0  # good steps in a row since the scale last moved
         self.skipped_steps = 0
-        self._armed_nonfinite: int | None = None
+        self._armed_nonfinite: set[int] = set()
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` times the current scale (``loss`` itself when disabled)."""
@@ -61,7 +61,7 @@ class LossScaler:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
         found_inf = self._unscale(grads)
-        if self._armed_nonfinite is not None and global_step == self._armed_nonfinite:
+        if global_step in self._armed_nonfinite:
             found_inf.fill_(1.0)  # fault injection: this rank alone saw an overflow
         if comm is not None and comm.grid.num_workers > 1:
             collective.allreduce_(found_inf, comm, algorithm="flat", op="sum")
@@ -101,7 +101,7 @@ class LossScaler:
     def arm_nonfinite(self, global_step: int) -> None:
         """Fault injection for tests: at ``global_step`` this rank reports an overflow,
         after the gradient sync (so only the explicit agreement can spread it)."""
-        self._armed_nonfinite = global_step
+        self._armed_nonfinite.add(global_step)
 
     def state_dict(self) -> dict:
         """``GradScaler``'s keys (empty when disabled, as ``GradScaler`` does)."""
