@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import os
 import shlex
 import signal
@@ -122,7 +121,7 @@ def node_command(plan: LaunchPlan, index: int) -> str:
     agent = [
         "python", "-m", "flashtrain.launch_node", "--share-dir", str(plan.share_dir),
         "--host", plan.hosts[index], "--temp-dir", plan.temp_dir(index),
-        "--head-timeout-s", f"{plan.join_timeout_s:g}",
+        "--start-timeout-s", f"{plan.join_timeout_s:g}",
         "--stop-grace-s", f"{max(plan.stop_timeout_s / 2, 1):g}",
     ]
     if index == 0:
@@ -241,34 +240,42 @@ class Launch:
         """The head's address once ``ray.nodes()`` shows every host alive."""
         deadline = time.monotonic() + self.plan.join_timeout_s
         address = self.wait_for_head(deadline)
-        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
-            os.environ.pop(name, None)
-        os.environ.update(self.share.ray_env({}))  # this process talks to the cluster too
-        import ray
-
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        except Exception as err:  # noqa: BLE001 - any failure to connect means the same here
-            raise ClusterNotFormed(
-                f"could not connect to the Ray head at {address} ({type(err).__name__}: {err}): "
-                f"run the launcher on the first host ({self.plan.head}), where the batch script "
-                "starts") from err
+        watcher = self.start_watcher()
         try:
             while True:
-                joined = {node["NodeName"] for node in ray.nodes() if node["Alive"]}
+                joined = self.share.read_alive_nodes()
                 missing = [host for host in self.plan.hosts if host not in joined]
                 if not missing:
                     self.say(f"all {len(self.plan.hosts)} node(s) joined the cluster at {address}")
                     return address
                 self.check_node_commands(joined)
+                if watcher.poll() is not None:  # e.g. the head restarted at a new address
+                    if time.monotonic() >= deadline:
+                        raise ClusterNotFormed(
+                            f"could not read the node table of the Ray head at {address} (run "
+                            f"the launcher on the first host, {self.plan.head}); the end of "
+                            f"{self.share.watch_log}:\n{log_tail(self.share.watch_log)}")
+                    address = self.wait_for_head(deadline)
+                    watcher = self.start_watcher()
                 if time.monotonic() >= deadline:
                     raise ClusterNotFormed(
                         f"{len(missing)} of {len(self.plan.hosts)} host(s) did not join the Ray "
                         f"cluster within {self.plan.join_timeout_s:g}s (--join-timeout): "
                         f"{', '.join(missing)}; their logs are in {self.share.root / 'nodes'}")
-                time.sleep(POLL_S)  # polling the GCS's node table, bounded by the deadline
+                time.sleep(POLL_S)  # the watcher rewrites the file; bounded by the deadline
         finally:
-            ray.shutdown()
+            end_process(watcher, grace_s=self.plan.stop_timeout_s)
+
+    def start_watcher(self) -> subprocess.Popen:
+        """The process that reads ``ray.nodes()`` for the launcher (see
+        :func:`flashtrain.launch_node.watch_nodes` for why it is a process of its own)."""
+        command = [sys.executable, "-m", "flashtrain.launch_node", "--watch-nodes",
+                   "--share-dir", str(self.plan.share_dir)]
+        with self.share.watch_log.open("ab") as log:
+            return subprocess.Popen(command, cwd=self.plan.workdir,
+                                    env=self.share.ray_env(dict(os.environ)), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
 
     def run_job(self, address: str) -> int:
         """``python -m flashtrain.jobs.imagenet`` on the cluster; its exit status. A stop
@@ -310,6 +317,17 @@ class Launch:
                          "(--stop-timeout); ending its node command")
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def end_process(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL to its session after ``grace_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def raise_on_signals(signum: int, _frame) -> None:

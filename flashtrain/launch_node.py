@@ -24,6 +24,7 @@ runs with token authentication, and every node and the driver read the token fro
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import secrets
 import shlex
@@ -54,6 +55,14 @@ class SharedDir:
     def head_address(self) -> Path:
         return self.root / "head_address"
 
+    @property
+    def alive_nodes(self) -> Path:
+        return self.root / "alive_nodes"
+
+    @property
+    def watch_log(self) -> Path:
+        return self.root / "watch.log"
+
     def log(self, host: str) -> Path:
         return self.root / "nodes" / f"{host}.log"
 
@@ -61,9 +70,12 @@ class SharedDir:
         return self.root / "nodes" / f"{host}.stop"
 
     def create(self) -> None:
-        """Make the directory and a fresh auth token readable by the user only."""
+        """Make the directory and a fresh auth token readable by the user only; clear what
+        an earlier launch with the same directory left (its head address, stop requests)."""
         (self.root / "nodes").mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        for stale in [self.head_address, self.alive_nodes, *self.root.glob("nodes/*.stop")]:
+            stale.unlink(missing_ok=True)
         descriptor = os.open(self.token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as token:
             token.write(secrets.token_hex(32))
@@ -80,6 +92,13 @@ class SharedDir:
             return self.head_address.read_text().strip() or None
         except OSError:
             return None
+
+    def read_alive_nodes(self) -> set[str]:
+        """The node names the watcher last saw alive in the cluster."""
+        try:
+            return set(self.alive_nodes.read_text().split())
+        except OSError:
+            return set()
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -149,9 +168,8 @@ class NodeAgent:
     def stop_asked(self) -> bool:
         return self.stopping.is_set() or self.share.stop_request(self.args.host).exists()
 
-    def wait_for_head(self) -> str | None:
+    def wait_for_head(self, deadline: float) -> str | None:
         """The head's address once the head has published it; None on a stop or timeout."""
-        deadline = time.monotonic() + self.args.head_timeout_s
         while time.monotonic() < deadline and not self.stop_asked():
             address = self.share.read_head_address()
             if address:
@@ -174,9 +192,26 @@ class NodeAgent:
             self.stopping.wait(POLL_S)
 
     def run(self) -> int:
+        """Run the node until a stop is asked (status 0). A ``ray start`` that ends on its
+        own before ``--start-timeout-s`` has passed is started again: on a loaded machine
+        Ray gives up after a fixed 30 s when its raylet registers late, and a worker that
+        read the address of a head that has since restarted must read it again."""
+        deadline = time.monotonic() + self.args.start_timeout_s
+        for attempt in itertools.count(1):
+            code = self.run_node(deadline)
+            if code == 0 or self.stop_asked() or time.monotonic() >= deadline:
+                return code
+            self.say(f"attempt {attempt} ended with status {code}; starting Ray again "
+                     f"(for up to {self.args.start_timeout_s:g}s after the first start)")
+        raise AssertionError("unreachable")
+
+    def run_node(self, deadline: float) -> int:
+        """One ``ray start --block``: 0 once stopped on request, else its exit status."""
         head_address = None
-        if not self.args.head:
-            head_address = self.wait_for_head()
+        if self.args.head:
+            self.share.head_address.unlink(missing_ok=True)  # a retry has a new address
+        else:
+            head_address = self.wait_for_head(deadline)
             if head_address is None:
                 self.say("no head address appeared in the shared directory; not starting Ray")
                 return 0 if self.stop_asked() else EXIT_NO_HEAD
@@ -215,24 +250,49 @@ class NodeAgent:
         self.say("stopped")
 
 
+def watch_nodes(share: SharedDir, stopping: threading.Event) -> int:
+    """Write the names of the cluster's alive nodes (``ray.nodes()``) to the shared
+    directory every POLL_S until stopped. A process of its own, so the launcher never
+    becomes a Ray driver: ``ray.init`` takes over the SIGTERM handling of its process, and
+    the launcher needs that for stopping the nodes when the scheduler ends the job."""
+    import logging
+
+    import ray
+
+    ray.init(address=share.read_head_address(), log_to_driver=False,
+             logging_level=logging.WARNING)
+    try:
+        while not stopping.is_set():
+            alive = sorted(node["NodeName"] for node in ray.nodes() if node["Alive"])
+            write_atomically(share.alive_nodes, "\n".join(alive) + "\n")
+            stopping.wait(POLL_S)
+    finally:
+        ray.shutdown()
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m flashtrain.launch_node",
         description="One node of a flashtrain batch job's Ray cluster (started by "
                     "python -m flashtrain.launch on every host).")
     parser.add_argument("--share-dir", required=True, help="the launch's shared directory")
-    parser.add_argument("--host", required=True, help="this host's name in the host list")
+    parser.add_argument("--watch-nodes", action="store_true",
+                        help="instead of starting a node: keep writing the cluster's alive "
+                             "nodes to the shared directory (the launcher's join check)")
+    parser.add_argument("--host", help="this host's name in the host list")
     parser.add_argument("--head", action="store_true", help="start the head node")
     parser.add_argument("--port", type=int, default=6379, help="the head's GCS port")
-    parser.add_argument("--temp-dir", required=True, help="Ray's temp dir on this host")
+    parser.add_argument("--temp-dir", help="Ray's temp dir on this host")
     parser.add_argument("--num-gpus", type=int, default=None)
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--dashboard", action="store_true", help="run Ray's dashboard (head)")
     parser.add_argument("--private-ports", action="store_true",
                         help="choose every port free (several nodes on one machine)")
     parser.add_argument("--ray-args", default="", help="more `ray start` options")
-    parser.add_argument("--head-timeout-s", type=float, default=300.0,
-                        help="how long a worker waits for the head's address")
+    parser.add_argument("--start-timeout-s", type=float, default=300.0,
+                        help="how long a worker waits for the head's address, and until "
+                             "when a `ray start` that fails is started again")
     parser.add_argument("--stop-grace-s", type=float, default=20.0,
                         help="how long `ray start` has to end after SIGTERM")
     return parser.parse_args(argv)
@@ -243,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stopping.set())
+    if args.watch_nodes:
+        return watch_nodes(SharedDir(Path(args.share_dir)), stopping)
+    if not (args.host and args.temp_dir):
+        print("flashtrain.launch_node: --host and --temp-dir are required to start a node",
+              file=sys.stderr)
+        return 2
     return NodeAgent(args, stopping).run()
 
 

@@ -1,6 +1,7 @@
 """The batch-scheduler launcher end to end on this machine (``--dry-run``): two Ray nodes
-started by the node agents, the training job on them, Ray stopped on both; and a host that
-never joins: a bounded wait, a message naming it, a non-zero exit, Ray stopped.
+started by the node agents, the training job on them, Ray stopped on both; a host that
+never joins: a bounded wait, a message naming it, a non-zero exit, Ray stopped; and the
+scheduler's SIGTERM in the middle of training: the job stopped, Ray stopped, status 143.
 
 Every Ray process of a launch inherits ``RAY_AUTH_TOKEN_PATH=<shared dir>/auth_token``
 from its node agent, which tells this launch's processes apart from other Ray instances on
@@ -90,6 +91,9 @@ def test_dry_run_trains_on_two_launched_nodes_and_stops_them(share_dir, tmp_path
                 "reforms"):
         assert key in summary, key
     assert summary["global_steps"] == 6
+    grids = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"name": "grid"' in line]
+    assert len(set(grids[0]["nodes"])) == 2, "the grid did not use both launched nodes"
     assert not launch_processes(share_dir), "Ray processes of the launch are still running"
     assert oct((share_dir / "auth_token").stat().st_mode & 0o777) == "0o600"
 
@@ -97,15 +101,62 @@ def test_dry_run_trains_on_two_launched_nodes_and_stops_them(share_dir, tmp_path
 def test_a_host_that_never_joins_stops_the_launch(share_dir, tmp_path):
     result = run_launcher(
         ["--dry-run", "--hosts", f"node-0,{NEVER_JOINS}", "--remote-exec", HANGING_HOST_EXEC,
-         "--share-dir", str(share_dir), "--join-timeout", "45", "--stop-timeout", "15", "--",
+         "--share-dir", str(share_dir), "--join-timeout", "60", "--stop-timeout", "15", "--",
          "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(tmp_path / "run")],
         timeout_s=300)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "did not join" in result.stderr or "did not start" in result.stderr, result.stderr
-    missing_line = next(line for line in result.stderr.splitlines() if "within 45s" in line)
+    missing_line = next(line for line in result.stderr.splitlines() if "within 60s" in line)
     assert NEVER_JOINS in missing_line
     assert "Ray stopped on every host" in result.stderr
     assert not (tmp_path / "run").exists(), "the job must not run on a partial cluster"
     assert not launch_processes(share_dir), "Ray processes of the launch are still running"
     hung = subprocess.run(["pgrep", "-f", "sleep 987"], capture_output=True, text=True)
     assert hung.stdout == "", "the hung remote exec was not ended"
+
+
+def wait_for_training(run_dir: Path, launcher: subprocess.Popen, deadline_s: float) -> None:
+    """Until the job has recorded a training step (or the launcher has ended)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if metrics.exists() and '"kind": "step"' in metrics.read_text():
+            return
+        time.sleep(1)  # the job is starting; bounded by the deadline
+    raise AssertionError(f"no training step recorded in {metrics} within {deadline_s:g}s")
+
+
+def test_sigterm_during_training_stops_the_job_and_every_node(share_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flashtrain.launch", "--dry-run", "--share-dir", str(share_dir),
+         "--join-timeout", "240", "--stop-timeout", "60", "--",
+         "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(run_dir),
+         "--data-cache", str(tmp_path / "cache"), "--set", "schedule.epochs=50"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_training(run_dir, launcher, deadline_s=400)
+        launcher.send_signal(signal.SIGTERM)  # what qdel / scancel / the time limit send
+        out, err = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: stopping" in err and "Ray stopped on every host" in err, err[-3000:]
+    assert "interrupted; resume with --resume" in err, err[-3000:]  # the job's own exit path
+    assert not launch_processes(share_dir), "Ray processes of the launch are still running"
+
+
+def test_a_node_command_that_fails_is_named_at_once(share_dir, tmp_path):
+    # Like an ssh that cannot reach its host: the remote exec itself fails, no Ray starts.
+    result = run_launcher(
+        ["--dry-run", "--hosts", "node-0", "--remote-exec", "bash -c 'echo unreachable; exit 7' "
+         "{command}", "--share-dir", str(share_dir), "--join-timeout", "600", "--",
+         "--run-dir", str(tmp_path / "run")],
+        timeout_s=120)
+    assert result.returncode == 3, result.stderr
+    assert "the node command for host node-0 exited with status 7" in result.stderr
+    assert "unreachable" in result.stderr  # the end of the host's log
+    assert not (tmp_path / "run").exists()
