@@ -78,6 +78,8 @@ class Worker:
                                          rendezvous_timeout_s=max(4 * c.timeout_s, 30.0),
                                          backend=_grid_backend(self._config))
         self.grid, self.rank = grid, rank
+        if self._sync is not None:  # joined again without leaving: drop the old hooks
+            self._sync.close()
         synchronizer = (collective.OverlappedSynchronizer if c.overlap
                         else collective.GradientSynchronizer)
         self._sync = synchronizer(
