@@ -130,6 +130,7 @@ def measure(stubs: list, size: int, windowed: bool, args: argparse.Namespace,
     trainer.controller = controller
     trainer._start_clock(TrainingClock(num_samples=global_batch * args.steps, seed=0,
                                        min_tail=0).state_dict())
+    ray.get(trainer.clock.state.remote())  # the clock actor's process has started
     ray.get([s.take_calls.remote() for s in stubs[:size]])
     began = time.perf_counter()
     trainer._loop(Progress(args.steps, 0, enabled=False))

@@ -275,6 +275,7 @@ class ElasticController:
         """The results of ``refs`` (one call of ``method`` per member of ``state``, in rank
         order), failing fast as :meth:`run_on_grid` describes."""
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
         pending = list(refs)
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -287,16 +288,21 @@ class ElasticController:
                                       f"{self.timeout:g}s per step)")
                 self._abort_grid(state, f"{method} timed out")
                 raise StepFailed(plan, err, refs, step=step) from None
-            try:
-                ray.get(ready[0], timeout=0)
-            except _FAILURES as err:
-                rank = rank_of[ready[0]]
-                self._abort_grid(state, f"rank {rank} failed in {method}: {type(err).__name__}")
-                if not is_collective_failure(err):
-                    ray.wait(pending, num_returns=len(pending), timeout=_PING_TIMEOUT_S)
-                    raise WorkerError(rank, method, err) from err
-                raise StepFailed(plan, err, refs, step=step) from err
-        return ray.get(refs, timeout=0)
+            if pending:  # sweep up whatever else is done: the loop runs per batch, not per member
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ready += more
+            for ref in ready:
+                try:
+                    results[rank_of[ref]] = ray.get(ref, timeout=0)
+                except _FAILURES as err:
+                    rank = rank_of[ref]
+                    self._abort_grid(state, f"rank {rank} failed in {method}: "
+                                            f"{type(err).__name__}")
+                    if not is_collective_failure(err):
+                        ray.wait(pending, num_returns=len(pending), timeout=_PING_TIMEOUT_S)
+                        raise WorkerError(rank, method, err) from err
+                    raise StepFailed(plan, err, refs, step=step) from err
+        return results
 
     def _abort_grid(self, state: GridState, reason: str) -> None:
         """Tell every member to abort its collectives of ``state``'s generation (fire and
