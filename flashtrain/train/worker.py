@@ -13,7 +13,6 @@ import dataclasses
 import io
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -230,7 +229,7 @@ class Worker:
                 labels.to(self.device, non_blocking=True))
 
     def _amp_dtype(self) -> torch.dtype | None:
-        if self.device.type != "cuda" or self._config.model.precision == "fp32":
+        if self._config.model.precision == "fp32":  # CPU autocast does fp16 and bf16 too
             return None
         return torch.bfloat16 if self._config.model.precision == "bf16" else torch.float16
 
@@ -320,12 +319,24 @@ class Worker:
         if armed is not None and armed[0] == where and step >= armed[1]:
             os._exit(1)
 
+    def arm_nonfinite_grad(self, step: int) -> None:
+        """Fault injection for tests: at global step ``step`` this rank finds an inf in its
+        gradients (fp16 only); every rank must then skip the step."""
+        self.scaler.arm_nonfinite(step)
+
     def stall(self, seconds: float) -> None:
         """Fault injection: block this worker (its peers then hit the collective timeout)."""
         time.sleep(seconds)
 
     def ping(self) -> bool:
         return True
+
+
+def _grid_backend(config: FlashtrainConfig) -> str:
+    """The collective backend of :func:`~flashtrain.collective.join_grid` for ``config``."""
+    if not config.grid.use_gpu:
+        return "gloo"
+    return "nccl" if config.collective.gpu_backend == "flashtrain" else "ray_nccl"
 
 
 def _to_cpu(value):
