@@ -287,36 +287,51 @@ class Launch:
         try:
             return job.wait()
         except Interrupted:
-            job.send_signal(signal.SIGINT)
-            try:
-                job.wait(timeout=self.plan.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
+            self.stop_job(job)
             raise
+
+    def stop_job(self, job: subprocess.Popen) -> None:
+        """SIGINT, then SIGKILL after ``--stop-timeout`` or at a second stop signal."""
+        job.send_signal(signal.SIGINT)
+        try:
+            job.wait(timeout=self.plan.stop_timeout_s)
+        except (subprocess.TimeoutExpired, Interrupted):
+            self.say("the job did not stop in time; killing it")
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
 
     def stop_nodes(self) -> None:
         """Stop the workers, then the head (a worker stops fast only while the head's GCS
         answers), each group bounded by ``--stop-timeout``; end any node command left."""
         workers = [host for host in self.nodes if host != self.plan.head]
+        unconfirmed = []
         for group in (workers, [self.plan.head]):
+            group = [host for host in group if host in self.nodes]
             for host in group:
-                if host in self.nodes:
-                    self.share.stop_request(host).touch()
-            self._wait_for_exit([h for h in group if h in self.nodes])
-        self.say("Ray stopped on every host")
+                self.share.stop_request(host).touch()
+            unconfirmed += self._wait_for_exit(group)
+        if unconfirmed:
+            self.say(f"no stop confirmed by {', '.join(unconfirmed)} within "
+                     f"{self.plan.stop_timeout_s:g}s (--stop-timeout): their node commands were "
+                     "killed, which ends a local or srun node but not always one behind ssh; "
+                     f"Ray stopped on the other {len(self.nodes) - len(unconfirmed)} host(s)")
+        else:
+            self.say("Ray stopped on every host")
 
-    def _wait_for_exit(self, hosts: Sequence[str]) -> None:
+    def _wait_for_exit(self, hosts: Sequence[str]) -> list[str]:
+        """Wait for the node commands of ``hosts`` to end; kill those still running at
+        the deadline and return their hosts."""
         deadline = time.monotonic() + self.plan.stop_timeout_s
+        killed = []
         for host in hosts:
             process = self.nodes[host]
             try:
                 process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                self.say(f"host {host}: its node did not stop within {self.plan.stop_timeout_s:g}s "
-                         "(--stop-timeout); ending its node command")
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+                killed.append(host)
+        return killed
 
 
 def end_process(process: subprocess.Popen, grace_s: float) -> None:

@@ -108,7 +108,8 @@ def test_a_host_that_never_joins_stops_the_launch(share_dir, tmp_path):
     assert "did not join" in result.stderr or "did not start" in result.stderr, result.stderr
     missing_line = next(line for line in result.stderr.splitlines() if "within 60s" in line)
     assert NEVER_JOINS in missing_line
-    assert "Ray stopped on every host" in result.stderr
+    # node-0's agent stopped its Ray; the hung remote exec of node-never had to be killed
+    assert f"no stop confirmed by {NEVER_JOINS} " in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "run").exists(), "the job must not run on a partial cluster"
     assert not launch_processes(share_dir), "Ray processes of the launch are still running"
     hung = subprocess.run(["pgrep", "-f", "sleep 987"], capture_output=True, text=True)
