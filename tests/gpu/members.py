@@ -88,6 +88,19 @@ class GpuMember:
             return f"{type(exc).__name__}: {exc}"
         return ""
 
+    def ray_nccl_allreduce(self) -> list[float]:
+        """Join a one-rank grid through Ray's cupy-based backend and all-reduce on it."""
+        import ray.util.collective as col
+
+        from flashtrain.collective import join_grid
+        from flashtrain.topology import Grid
+
+        comm = join_grid(Grid(1, 1), 0, 0, backend="ray_nccl", prefix="raynccl-")
+        x = torch.arange(4.0, device="cuda")
+        col.allreduce(x, group_name=comm.world_group)
+        torch.cuda.synchronize()
+        return x.cpu().tolist()
+
     def join_grid(self, grid, rank: int, generation: int, timeout_s: float = 60.0) -> bool:
         from flashtrain.collective import join_grid
 

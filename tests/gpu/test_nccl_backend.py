@@ -70,6 +70,11 @@ def test_a_cpu_buffer_is_refused_with_the_fix(ray_gpu, solo):
     assert "CollectiveError" in message and "gradients' device" in message
 
 
+def test_ray_nccl_stays_selectable(ray_gpu, solo):
+    pytest.importorskip("cupy", reason="collective.gpu_backend=ray_nccl needs the gpu extra")
+    assert ray_gpu.get(solo.ray_nccl_allreduce.remote(), timeout=300) == [0.0, 1.0, 2.0, 3.0]
+
+
 @pytest.mark.parametrize("comm_dtype", [None, "fp16", "bf16"])
 @pytest.mark.parametrize("algorithm", ["torus", "flat", "hierarchical"])
 def test_grid_allreduce_with_a_padded_bucket(ray_gpu, several_ranks, algorithm, comm_dtype):
