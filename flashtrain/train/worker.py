@@ -160,7 +160,11 @@ class Worker:
         synced = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = plan.lr
-        self.scaler.step(self.optimizer, self.comm, plan.global_step)  # skips on any rank's inf
+        try:  # with fp16 the ranks agree on skipping an overflowed step: one more collective
+            self.scaler.step(self.optimizer, self.comm, plan.global_step)
+        except collective.CollectiveError:
+            self.leave()  # as after the gradient sync above
+            raise
         stepped = time.perf_counter()
         return StepResult(plan.global_step, self.rank, len(labels), loss_sum, correct,
                           compute_s=(computed - data_ready) + (stepped - synced),
