@@ -126,7 +126,14 @@ def fit_alpha_beta(points: list[tuple[int, float, float]]) -> Link:
     det = s_aa * s_bb - s_ab * s_ab
     if abs(det) < 1e-300:
         raise ValueError("need flat timings at two or more different sizes to fit alpha/beta")
-    return Link(alpha=(s_at * s_bb - s_bt * s_ab) / det, beta=(s_aa * s_bt - s_ab * s_at) / det)
+    alpha, beta = (s_at * s_bb - s_bt * s_ab) / det, (s_aa * s_bt - s_ab * s_at) / det
+    # Neither term can be negative; on noisy timings (time growing faster than the size)
+    # the unconstrained fit can say so: then fit the other term alone.
+    if alpha < 0:
+        return Link(alpha=0.0, beta=s_bt / s_bb)
+    if beta < 0:
+        return Link(alpha=s_at / s_aa, beta=0.0)
+    return Link(alpha=alpha, beta=beta)
 
 
 def fit_from_bench_json(path: str) -> tuple[Link, int]:

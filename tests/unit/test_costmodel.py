@@ -224,3 +224,13 @@ def test_cli_fits_both_files_and_prints_old_and_new_predictions(tmp_path):
                           str(tmp_path / "missing.json")], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "missing.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fit_never_returns_a_negative_term():
+    # Time growing faster than the size (a loaded machine) pulls the unconstrained
+    # intercept below zero; the fit keeps it at zero and fits the slope alone.
+    points = [(4, 4e6, 0.010), (4, 16e6, 0.062), (4, 100e6, 0.443)]
+    link = fit_alpha_beta(points)
+    assert link.alpha == 0.0 and link.beta > 0
+    slope_terms = [(2 * 3 / 4 * s, t) for _, s, t in points]
+    assert link.beta == pytest.approx(sum(b * t for b, t in slope_terms) / sum(b * b for b, _ in slope_terms))
