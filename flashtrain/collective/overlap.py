@@ -60,6 +60,7 @@ class OverlappedSynchronizer(GradientSynchronizer):
         self._op = "sum"
         self._armed = False
         self._running = False  # the thread is working through a step's buckets
+        self._step_open = False  # between begin() and the end of sync() or cancel()
         self._cancelled = False
         self._closed = False
         self._error: BaseException | None = None
@@ -101,15 +102,19 @@ class OverlappedSynchronizer(GradientSynchronizer):
             self.comm_seconds = 0.0
             self._cancelled = False
             self._running = True
+            self._step_open = True
             self._armed = True
         self._jobs.put("step")
 
     def sync(self, op: str = "sum") -> None:
         """Launch the buckets no hook made ready, then wait for every bucket."""
-        if not self._running:
+        # Not ``_running``: the thread may already have finished every bucket (all made
+        # ready by hooks) before this call, and must not reduce them a second time.
+        if not self._step_open:
             self.begin(op)
         with self._changed:
             self._armed = False
+            self._step_open = False
             for index, ready in enumerate(self._ready):
                 if not ready:
                     self._mark_ready(index)
@@ -121,6 +126,7 @@ class OverlappedSynchronizer(GradientSynchronizer):
         """The backward failed: stop waiting for buckets that will never be ready."""
         with self._changed:
             self._armed = False
+            self._step_open = False
             self._cancelled = True
             self._changed.notify_all()
 

@@ -16,14 +16,16 @@ NUM_STEPS = 3
 BATCH = 4
 
 
-def build_model():
-    """A real torchvision ResNet-18 (small images keep it quick) plus a parameter that
-    never gets a gradient: its bucket is only launched after the backward."""
+def build_model(with_unused: bool = True):
+    """A real torchvision ResNet-18 (small images keep it quick) plus, unless told
+    otherwise, a parameter that never gets a gradient: its bucket is only launched after
+    the backward."""
     import torchvision
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=5)
-    model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
+    if with_unused:
+        model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
     return model
 
 
@@ -42,12 +44,14 @@ class Replica:
         self.sync = None
 
     def train(self, overlap: bool, algorithm: str, bucket_bytes: int,
-              empty_share_at: int | None = None) -> dict:
+              empty_share_at: int | None = None, drain_before_sync: bool = False) -> dict:
         """``NUM_STEPS`` SGD steps on seeded data; rank 1 trains nothing at step
-        ``empty_share_at`` (a tail step whose share is empty). Returns the parameters."""
+        ``empty_share_at`` (a tail step whose share is empty). With ``drain_before_sync``
+        every parameter gets a gradient and ``sync`` is called only once the thread has
+        reduced every bucket. Returns the parameters."""
         from flashtrain.collective import GradientSynchronizer, OverlappedSynchronizer
 
-        model = build_model()
+        model = build_model(with_unused=not drain_before_sync)
         params = list(model.parameters())
         kind = OverlappedSynchronizer if overlap else GradientSynchronizer
         self.sync = kind(params, self.comm, algorithm, bucket_bytes=bucket_bytes)
@@ -63,6 +67,11 @@ class Replica:
             for param in params:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
+            if overlap and drain_before_sync:
+                deadline = time.monotonic() + 120
+                while self.sync.in_flight:  # every bucket was made ready by a hook
+                    assert time.monotonic() < deadline, "the buckets never finished"
+                    time.sleep(0.001)
             self.sync.sync("sum")
             optimizer.step()
         self.sync.close()
@@ -102,14 +111,15 @@ class Replica:
 
 
 def train_both_ways(grid: Grid, generation: int, algorithm: str, bucket_bytes: int,
-                    empty_share_at: int | None) -> tuple[list, list]:
+                    empty_share_at: int | None,
+                    drain_before_sync: bool = False) -> tuple[list, list]:
     replicas = [Replica.remote(grid, rank, generation) for rank in range(grid.num_workers)]
     try:
         runs = {}
         for overlap in (False, True):
             runs[overlap] = ray.get([r.train.remote(overlap, algorithm, bucket_bytes,
-                                                    empty_share_at) for r in replicas],
-                                    timeout=600)
+                                                    empty_share_at, drain_before_sync)
+                                     for r in replicas], timeout=600)
     finally:
         for replica in replicas:
             ray.kill(replica)
@@ -138,6 +148,18 @@ def test_overlapped_update_is_bit_identical_on_a_torus_2x2(ray_session):
     plain, overlapped = train_both_ways(Grid(2, 2), generation=3, algorithm="torus",
                                         bucket_bytes=4 * 2**20, empty_share_at=None)
     for rank in range(4):
+        for got, want in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
+            assert torch.equal(got, want)
+
+
+def test_sync_after_every_bucket_is_done_reduces_nothing_twice(ray_session):
+    """The communication thread finished every bucket before ``sync`` was called (all
+    made ready by hooks): ``sync`` must only collect them (a second round would sum the
+    sums on this rank and pair the peers' next collectives with the wrong ones)."""
+    plain, overlapped = train_both_ways(Grid(1, 2), generation=5, algorithm="torus",
+                                        bucket_bytes=2**20, empty_share_at=None,
+                                        drain_before_sync=True)
+    for rank in range(2):
         for got, want in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
             assert torch.equal(got, want)
 
