@@ -97,6 +97,14 @@ def max_grid_workers(config: FlashtrainConfig, initial_workers: int) -> int:
 _MEMBER_FAILURES = (StepFailed, RayActorError, RayTaskError, GetTimeoutError)
 
 
+def _step_split(results: list) -> dict:
+    """compute / exposed communication / data wait seconds of the step's slowest rank."""
+    slowest = max(results, key=lambda r: r.compute_s + r.comm_exposed_s + r.data_wait_s)
+    return {"compute_seconds": slowest.compute_s,
+            "comm_exposed_seconds": slowest.comm_exposed_s,
+            "data_wait_seconds": slowest.data_wait_s}
+
+
 def _as_failure(err: BaseException, step: int) -> StepFailed:
     """A failure of the grid at clock position ``step`` (a StepFailed stays as it is)."""
     return err if isinstance(err, StepFailed) else StepFailed(None, err, step=step)
@@ -370,10 +378,9 @@ class Trainer:
                       images_per_sec=samples / seconds if seconds > 0 else 0.0, grid=grid,
                       generation=self.controller.state.generation, step_seconds=seconds,
                       sync_seconds=max(r.sync_s for r in results),
-                      # The slowest rank's split of the step (see StepResult).
-                      compute_seconds=max(r.compute_s for r in results),
-                      comm_exposed_seconds=max(r.comm_exposed_s for r in results),
-                      data_wait_seconds=max(r.data_wait_s for r in results),
+                      # The split of the rank whose step took longest (see StepResult);
+                      # the other ranks' exposed wait also holds their wait for it.
+                      **_step_split(results),
                       train_acc=sum(r.correct for r in results) / max(samples, 1))
         if plan.global_step % self.config.runtime.log_every_steps == 0 or plan.end_of_epoch:
             # Stamped when the step ended on its last rank, not when the window's results
