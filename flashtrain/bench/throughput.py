@@ -8,10 +8,10 @@ Ray Train v2's ``TorchTrainer`` with ``DistributedDataParallel`` over gloo
 batch, learning rate, loss and thread count). Every system gets one CPU and one torch
 thread per worker.
 
-flashtrain's step time is the driver's wall clock per step (``metrics.jsonl``), split by
-the slowest worker into compute (forward, backward, optimizer), exposed communication
-(waiting for the gradient all-reduce after the backward ended) and data wait. Ray Train's
-is the time between consecutive steps on its rank 0. The first ``--warmup`` steps are
+flashtrain's step time is the step record's (``metrics.jsonl``: the slowest worker's
+time for the step), split on that worker into compute (forward, backward, optimizer),
+exposed communication (waiting for the gradient all-reduce after the backward ended) and
+data wait. Ray Train's is the time between consecutive steps on its rank 0. The first ``--warmup`` steps are
 dropped, medians reported, and images/s compared with Ray Train's.
 """
 
