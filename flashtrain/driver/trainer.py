@@ -121,16 +121,22 @@ def _window_step(err: BaseException | None) -> int | None:
     return getattr(cause, "window_step", None)
 
 
-def _errors(refs: list) -> list[BaseException]:
-    """The errors of the settled calls among ``refs``."""
+def _window_reached(refs: list, plans: list[StepPlan]) -> list[int]:
+    """How far each settled call of a failed window got: the step its error names, or,
+    for a member that finished the whole window (the failure was a member dying after
+    the window's last collective, in its optimizer step or its commit), the position
+    after the window."""
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-    errors = []
+    reached = []
     for ref in ready:
         try:
             ray.get(ref, timeout=0)
-        except Exception as err:  # noqa: BLE001 - collected, not handled
-            errors.append(err)
-    return errors
+            reached.append(plans[-1].global_step + 1)
+        except Exception as err:  # noqa: BLE001 - only its step is wanted
+            step = _window_step(err)
+            if step is not None:
+                reached.append(step)
+    return reached
 
 
 class Trainer:
@@ -295,14 +301,14 @@ class Trainer:
 
     def _window_failure(self, err: BaseException, plans: list[StepPlan]) -> StepFailed:
         """The failure of a window, placed at the step it ended in: the survivors' errors
-        carry it (``window_step``, from :meth:`Worker.train_window`); a dead worker's
-        does not. Records the steps trained and lost since the window began."""
+        carry it (``window_step``, from :meth:`Worker.train_window`), a dead worker's does
+        not, and a survivor that finished the window places it after the window (see
+        :func:`_window_reached`). Records the steps trained and lost since it began."""
         failure = _as_failure(err, step=plans[0].global_step)
         if failure.pending:  # the survivors return at once: their collectives were aborted
             ray.wait(failure.pending, num_returns=len(failure.pending),
                      timeout=self.config.collective.timeout_s)
-        reached = [s for s in map(_window_step, [failure.cause, *_errors(failure.pending)])
-                   if s is not None]
+        reached = _window_reached(failure.pending, plans)
         step = max(reached, default=plans[0].global_step)
         self.metrics.event("window_lost", first_step=plans[0].global_step, failed_step=step,
                            last_step=plans[-1].global_step,
