@@ -118,7 +118,9 @@ class WorkerError(ElasticAbort):
         inner = getattr(cause, "cause", None)
         detail = (f"{type(inner).__name__}: {inner}" if inner is not None
                   else str(cause).strip().splitlines()[-1])
-        super().__init__(f"worker rank {rank} raised in {method}: {detail}")
+        step = getattr(inner, "window_step", None)  # train_window names the step
+        where = f"{method} at step {step}" if step is not None else method
+        super().__init__(f"worker rank {rank} raised in {where}: {detail}")
 
 
 @dataclass

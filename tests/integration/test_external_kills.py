@@ -52,7 +52,7 @@ def test_worker_code_error_stops_the_run_without_reforming(tmp_path):
                "--data-cache", str(tmp_path / "digits")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "worker rank" in result.stderr and "raised in train_step" in result.stderr
+    assert "worker rank" in result.stderr and "raised in train_window at step" in result.stderr
     assert "RuntimeError" in result.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in records if r["kind"] == "reform"]
