@@ -203,7 +203,7 @@ _STATUS_TEXT = {
 
 def render_html(run: RunRecord) -> str:
     """The whole page for ``run``."""
-    from flashtrain.report_figures import report_figures
+    from flashtrain.train.figures import report_figures
 
     reforms = run.reforms
     figures = report_figures(run.records, reforms)

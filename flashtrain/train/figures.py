@@ -1,8 +1,9 @@
-"""The figures of a run's ``report.html``, drawn from its ``metrics.jsonl`` records as PNG
-bytes (the report embeds them; nothing is written next to it).
+"""The figures of a run, drawn from its ``metrics.jsonl`` records as PNG bytes: the
+report (:mod:`flashtrain.report`) embeds them and :mod:`flashtrain.train.plots` writes
+them into the run directory, so both show the same plots.
 
-Like :mod:`flashtrain.train.plots`, this uses matplotlib's object API with the Agg canvas
-(no ``pyplot``, no global backend), so it runs in a driver, a thread or without a display.
+It uses matplotlib's object API with the Agg canvas (no ``pyplot``, no global backend),
+so it runs in a driver, a thread or without a display.
 Every figure accepts a run cut short anywhere: with no data for it, it says so.
 """
 

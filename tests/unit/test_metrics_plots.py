@@ -94,7 +94,7 @@ def test_topk_counts() -> None:
 
 
 def _assert_pngs(paths: list[Path], run_dir: Path) -> None:
-    assert sorted(p.name for p in paths) == ["batch_lr.png", "loss.png", "step_split.png",
+    assert sorted(p.name for p in paths) == ["batch_lr.png", "grid.png", "loss.png", "step_split.png",
                                              "top1.png"]
     for path in paths:
         assert path.parent == run_dir

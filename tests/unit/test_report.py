@@ -14,7 +14,7 @@ from PIL import Image
 
 from flashtrain.jobs.imagenet import write_run_report
 from flashtrain.report import main, read_run, write_report
-from flashtrain.report_figures import grid_timeline, last_per_step, reform_label
+from flashtrain.train.figures import grid_timeline, last_per_step, reform_label
 from flashtrain.train.metrics import MetricsWriter, write_summary
 
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
