@@ -246,15 +246,21 @@ class Trainer:
                 self.activity = "step"
                 self.controller.before_step(first, self.clock)
                 results = self._train_window(plans, commit)
+            except _MEMBER_FAILURES as err:
+                self._recover(self._window_failure(err, plans))
+                continue
+            try:
                 ray.get(self.clock.advance_window.remote(plans), timeout=self.timeout)
                 self.controller.after_step(first, finished_at=_finished_at(results[0]))
                 for plan, step_results in zip(plans, results, strict=True):
                     self._record_step(plan, step_results, progress)
                 if commit:  # every member committed at the end of its window
                     self.activity = "commit"
-                    self.controller.members_committed(self.clock)
+                    self.controller.members_committed(self.clock)  # may grow the grid
             except _MEMBER_FAILURES as err:
-                self._recover(self._window_failure(err, plans))
+                # The window is trained and recorded: a member lost from here on (forming
+                # a bigger grid at the commit) fails at the clock's position after it.
+                self._recover(_as_failure(err, step=step_done))
                 continue
             try:
                 if last.end_of_epoch:
