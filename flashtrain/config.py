@@ -222,6 +222,19 @@ class RuntimeConfig(_Section):
                                "to the next commit, checkpoint or epoch boundary in one call and "
                                "gets their results back in bulk (false: one call per step; "
                                "`python -m flashtrain.bench control` compares the two).")
+    relay_fanout: int = Field(16, ge=0, description="With more workers than this, a step "
+                              "window goes down a tree of the workers themselves, each relaying "
+                              "to at most this many and merging their answers, so the driver "
+                              "makes one call per window at any grid size "
+                              "(flashtrain.train.relay); 0: the driver calls every worker.")
+
+    @field_validator("relay_fanout")
+    @classmethod
+    def _fanout(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("1 would relay the window down a chain of every worker: give 0 "
+                             "(no relays) or at least 2")
+        return value
     log_every_steps: int = Field(1, ge=1, description="metrics.jsonl step records interval.")
     tensorboard: bool = Field(False, description="Also write the numbers of metrics.jsonl's "
                               "step, epoch and reform records as TensorBoard scalars into "

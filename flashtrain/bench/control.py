@@ -1,26 +1,31 @@
 """``python -m flashtrain.bench control``: what the driver costs per step, per-step loop
-against step windows, as the grid grows.
+against step windows against windows relayed down a tree, as the grid grows.
 
 The driver's own loop (:meth:`flashtrain.driver.trainer.Trainer._loop`: the clock actor,
-the elastic controller's fail-fast calls on every member, the metrics records, commits)
-runs unchanged against *stub* workers: Ray actors, spread over an emulated cluster
-(``ray.cluster_utils.Cluster``), that answer ``train_window`` and ``commit`` at once
-without training. What is left of a step's time is the control plane's: the driver's
-calls and its waiting for N answers. It is measured for N workers in two modes:
+the elastic controller's fail-fast calls, the metrics records, commits) runs unchanged
+against *stub* workers: Ray actors, spread over an emulated cluster
+(``ray.cluster_utils.Cluster``), that answer ``train_window`` at once without training
+and relay windows with the product's own :class:`~flashtrain.train.relay.WindowRelay`.
+What is left of a step's time is the control plane's. It is measured for N workers in
+three modes:
 
-* ``per-step``: ``runtime.step_windows=false``, one call per worker per step (and a
-  commit call per worker every ``elastic.commit_every_steps``), as before windows;
+* ``per-step``: ``runtime.step_windows=false``, one call per worker per step;
 * ``windowed``: one call per worker per window (the steps up to the next commit
-  boundary, with the commit folded in).
+  boundary, with the commit folded in);
+* ``relayed``: windows, and ``runtime.relay_fanout=--fanout``: the driver calls rank 0,
+  which relays down a tree of the workers (grids no larger than the fan-out are called
+  directly, as in ``windowed``).
 
-It prints driver milliseconds per step and worker calls per step for each N, fits
-``ms = a + b * N`` per mode (least squares) and extrapolates to the paper's 2,176 workers
-beside the paper's step time (about 0.1 s: 90 epochs of 1.28 M images at 34K-68K per step
-in 224 s is roughly 2,700 steps in 224 s, 0.083 s a step).
+Per N and mode it prints the driver process's CPU milliseconds per step (its own
+threads, Ray's included: what would saturate a driver at scale), the wall milliseconds
+per step, and the calls the driver made per step; it fits ``ms = a + b * N`` per mode
+(least squares) and extrapolates to the paper's 2,176 workers beside the paper's step
+time (about 0.1 s: 90 epochs of 1.28 M images at 34K-68K per step in 224 s is roughly
+2,700 steps in 224 s, 0.083 s a step).
 
-On one machine the stubs' processes share the driver's cores, so these figures include
-their wake-ups; on a real cluster the members run elsewhere. Both modes pay that alike,
-and the comparison is between them.
+On one machine every stub's process shares the driver's cores, so the *wall* time grows
+with N in every mode (the N answers are computed on the same cores); on a cluster the
+members run elsewhere. The driver's CPU time is the figure that does not depend on that.
 """
 
 from __future__ import annotations
@@ -40,20 +45,23 @@ from flashtrain.elastic.controller import ElasticController, GridState
 from flashtrain.elastic.membership import Member
 from flashtrain.topology import Grid
 from flashtrain.train.clock import StepPlan, StepResult, TrainingClock
+from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay, tree_depth
+from flashtrain.train.worker import CONTROL_GROUP
 
 PAPER_WORKERS = 2176
 PAPER_STEP_S = 224 / 2700  # see the module docstring
 PER_WORKER_BATCH = 32
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, concurrency_groups={CONTROL_GROUP: 1, RELAY_GROUP: 1})
 class StubWorker:
     """Answers the driver's step-loop calls at once, like a worker with nothing to train.
-    Counts the calls it gets."""
+    Counts the step loop's calls it gets (validation, once an epoch, is left out)."""
 
     def __init__(self, rank: int):
         self.rank = rank
-        self.calls = 0
+        self.calls = 0  # train_window and commit calls, from the driver or a relay
+        self.relay_calls = 0
 
     def train_window(self, plans: list[StepPlan], commit: bool = False) -> list[StepResult]:
         self.calls += 1
@@ -66,15 +74,28 @@ class StubWorker:
         return 0
 
     def validate(self) -> dict:
-        self.calls += 1
         return {"top1": 0, "top5": 0, "count": 1, "loss_sum": 0.0, "skipped": 0}
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def abort_collectives(self, generation: int, reason: str) -> bool:
         return False
 
-    def take_calls(self) -> int:
-        calls, self.calls = self.calls, 0
-        return calls
+    def set_relay(self, relay: WindowRelay) -> None:
+        self.relay = relay
+
+    @ray.method(concurrency_group=RELAY_GROUP)
+    def relay_window(self, generation: int, plans: list[StepPlan], commit: bool,
+                     timeout: float) -> WindowAnswer:
+        """The real relay (:class:`~flashtrain.train.relay.WindowRelay`) over stubs."""
+        self.relay_calls += 1
+        return self.relay.run(ray.get_runtime_context().current_actor, plans, commit, timeout)
+
+    def take_calls(self) -> tuple[int, int]:
+        """(train_window and commit calls, relay_window calls) since the last time, and
+        start again."""
+        counts = self.calls, self.relay_calls
+        self.calls = self.relay_calls = 0
+        return counts
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -89,8 +110,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=4, help="emulated Ray nodes (default 4)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="measurements per (N, mode); the median is reported")
+    parser.add_argument("--fanout", type=int, default=8,
+                        help="runtime.relay_fanout of the relayed mode (default 8)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    asked = set(args.modes.split(","))
+    if not asked or asked - set(MODES):
+        parser.error(f"--modes {args.modes!r}: give a comma-separated subset of {','.join(MODES)}")
+    args.modes = [m for m in MODES if m in asked]
+    if args.fanout < 2:
+        parser.error("--fanout must be at least 2")
     try:
         args.sizes = sorted({int(n) for n in args.workers.split(",")})
     except ValueError:
@@ -111,14 +142,21 @@ def start_cluster(nodes: int):
     return cluster
 
 
-def measure(stubs: list, size: int, windowed: bool, args: argparse.Namespace,
+MODES = ("per-step", "windowed", "relayed")
+
+
+def measure(stubs: list, size: int, mode: str, args: argparse.Namespace,
             workdir: Path) -> dict:
-    """Run the driver's loop for ``args.steps`` steps over the first ``size`` stubs."""
+    """Run the driver's loop for ``args.steps`` steps over the first ``size`` stubs in
+    ``mode`` (see the module docstring): wall and driver-process CPU milliseconds per
+    step, and the calls the driver made per step."""
     grid = Grid(1, size)
     global_batch = PER_WORKER_BATCH * size
+    fanout = args.fanout if mode == "relayed" else 0
     config = load_config(None, [
         f"grid.shape=1x{size}", "runtime.progress=false", "runtime.log_every_steps=1",
-        f"runtime.step_windows={str(windowed).lower()}", "checkpoint.every_steps=1000000000",
+        f"runtime.step_windows={str(mode != 'per-step').lower()}",
+        f"runtime.relay_fanout={fanout}", "checkpoint.every_steps=1000000000",
         f"elastic.commit_every_steps={args.commit_every}", "schedule.epochs=1",
         "schedule.warmup_epochs=0",
         f"schedule.phases=[{{start_epoch: 0, global_batch: {global_batch}}}]"])
@@ -132,15 +170,21 @@ def measure(stubs: list, size: int, windowed: bool, args: argparse.Namespace,
                                        min_tail=0).state_dict())
     ray.get(trainer.clock.state.remote())  # the clock actor's process has started
     ray.get([s.take_calls.remote() for s in stubs[:size]])
-    began = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     trainer._loop(Progress(args.steps, 0, enabled=False))
-    seconds = time.perf_counter() - began
-    calls = sum(ray.get([s.take_calls.remote() for s in stubs[:size]]))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    counts = ray.get([s.take_calls.remote() for s in stubs[:size]])
+    # Relayed, the driver calls rank 0 only (its relay_window calls); else every
+    # train_window and commit call a stub got came from the driver.
+    relayed = bool(fanout) and size > fanout
+    driver_calls = counts[0][1] if relayed else sum(c for c, _ in counts)
     trainer.metrics.close()
     ray.kill(trainer.clock, no_restart=True)
-    return {"workers": size, "mode": "windowed" if windowed else "per-step",
-            "ms_per_step": 1000 * seconds / args.steps,
-            "calls_per_worker_per_step": calls / size / args.steps}
+    return {"workers": size, "mode": mode, "ms_per_step": 1000 * wall / args.steps,
+            "driver_cpu_ms_per_step": 1000 * cpu / args.steps,
+            "driver_calls_per_step": driver_calls / args.steps,
+            "worker_calls_per_step": [c / args.steps for c, _ in counts],
+            "tree_depth": tree_depth(size, fanout) if relayed else 0}
 
 
 def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -164,45 +208,55 @@ def run(args: argparse.Namespace) -> dict:
         rows = []
         with tempfile.TemporaryDirectory(prefix="flashtrain-control-") as workdir:
             for size in args.sizes:
-                for windowed in (False, True):
-                    runs = [measure(stubs, size, windowed, args, Path(workdir))
+                for mode in args.modes:
+                    runs = [measure(stubs, size, mode, args, Path(workdir))
                             for _ in range(args.repeats)]
-                    runs.sort(key=lambda r: r["ms_per_step"])
+                    runs.sort(key=lambda r: r["driver_cpu_ms_per_step"])
                     row = runs[len(runs) // 2]
                     row["ms_per_step_runs"] = [round(r["ms_per_step"], 3) for r in runs]
+                    row["driver_cpu_ms_per_step_runs"] = [
+                        round(r["driver_cpu_ms_per_step"], 3) for r in runs]
                     rows.append(row)
-                    print(f"  N={size:<5} {row['mode']:<9} {row['ms_per_step']:8.2f} ms/step",
-                          flush=True)
+                    print(f"  N={size:<5} {mode:<9} driver CPU {row['driver_cpu_ms_per_step']:7.2f}"
+                          f" ms/step, wall {row['ms_per_step']:8.2f} ms/step", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
     fits = {}
-    for mode in ("per-step", "windowed"):
-        a, b = fit_line([(r["workers"], r["ms_per_step"]) for r in rows if r["mode"] == mode])
-        fits[mode] = {"a_ms": a, "b_ms_per_worker": b,
-                      "at_paper_scale_ms": a + b * PAPER_WORKERS}
+    for mode in args.modes:
+        fit = {}
+        for key in ("driver_cpu_ms_per_step", "ms_per_step"):
+            a, b = fit_line([(r["workers"], r[key]) for r in rows if r["mode"] == mode])
+            fit[key] = {"a_ms": a, "b_ms_per_worker": b, "at_paper_scale_ms": a + b * PAPER_WORKERS}
+        fits[mode] = fit
     return {"benchmark": "control", "steps": args.steps, "commit_every": args.commit_every,
-            "nodes": args.nodes, "rows": rows, "fits": fits,
+            "fanout": args.fanout, "nodes": args.nodes, "rows": rows, "fits": fits,
             "paper_workers": PAPER_WORKERS, "paper_step_ms": 1000 * PAPER_STEP_S}
 
 
 def format_table(result: dict) -> str:
+    modes = [m for m in MODES if m in result["fits"]]
     lines = [f"driver cost per step, stub workers on {result['nodes']} emulated nodes, "
-             f"{result['steps']} steps, commit every {result['commit_every']} steps",
-             f"{'workers':>8}{'per-step ms':>13}{'windowed ms':>13}{'ratio':>8}"
-             f"{'calls/worker/step':>19}"]
+             f"{result['steps']} steps, commit every {result['commit_every']} steps, "
+             f"relay fan-out {result['fanout']}",
+             "driver CPU ms/step (wall ms/step) [driver calls/step]",
+             f"{'workers':>8}" + "".join(f"{m:>30}" for m in modes)]
     by = {(r["workers"], r["mode"]): r for r in result["rows"]}
     for size in sorted({r["workers"] for r in result["rows"]}):
-        step, window = by[(size, "per-step")], by[(size, "windowed")]
-        lines.append(f"{size:>8}{step['ms_per_step']:>13.2f}{window['ms_per_step']:>13.2f}"
-                     f"{window['ms_per_step'] / step['ms_per_step']:>8.2f}"
-                     f"{step['calls_per_worker_per_step']:>9.2f} ->"
-                     f"{window['calls_per_worker_per_step']:>6.2f}")
-    for mode, fit in result["fits"].items():
-        share = fit["at_paper_scale_ms"] / result["paper_step_ms"]
-        lines.append(f"{mode:>9}: ms/step = {fit['a_ms']:.2f} + {fit['b_ms_per_worker']:.4f} * N"
-                     f"  -> {fit['at_paper_scale_ms']:.0f} ms at N={result['paper_workers']:,}"
-                     f" ({share:.1f}x the paper's {result['paper_step_ms']:.0f} ms step)")
+        cells = []
+        for mode in modes:
+            row = by[(size, mode)]
+            cells.append(f"{row['driver_cpu_ms_per_step']:8.2f} ({row['ms_per_step']:7.2f}) "
+                         f"[{row['driver_calls_per_step']:6.2f}]")
+        lines.append(f"{size:>8}" + "".join(f"{c:>30}" for c in cells))
+    for mode in modes:
+        for key, what in (("driver_cpu_ms_per_step", "driver CPU"), ("ms_per_step", "wall")):
+            fit = result["fits"][mode][key]
+            share = fit["at_paper_scale_ms"] / result["paper_step_ms"]
+            lines.append(f"{mode:>9} {what:>10}: {fit['a_ms']:.2f} + {fit['b_ms_per_worker']:.4f} * N"
+                         f" ms/step -> {fit['at_paper_scale_ms']:.0f} ms at "
+                         f"N={result['paper_workers']:,} ({share:.2f}x the paper's "
+                         f"{result['paper_step_ms']:.0f} ms step)")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock, plan_
 from flashtrain.train.data import build_datasets
 from flashtrain.train.metrics import MetricsWriter, read_metrics, write_summary
 from flashtrain.train.plots import write_plots
+from flashtrain.train.relay import window_step_of
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,6 @@ def _finished_at(results: list) -> float:
     return max(r.finished_at for r in results)
 
 
-def _window_step(err: BaseException | None) -> int | None:
-    """The global step a worker's window ended in, if its error says."""
-    cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
-    return getattr(cause, "window_step", None)
-
-
 def _window_reached(refs: list, plans: list[StepPlan]) -> list[int]:
     """How far each settled call of a failed window got: the step its error names, or,
     for a member that finished the whole window (the failure was a member dying after
@@ -133,7 +128,7 @@ def _window_reached(refs: list, plans: list[StepPlan]) -> list[int]:
             ray.get(ref, timeout=0)
             reached.append(plans[-1].global_step + 1)
         except Exception as err:  # noqa: BLE001 - only its step is wanted
-            step = _window_step(err)
+            step = window_step_of(err)
             if step is not None:
                 reached.append(step)
     return reached
@@ -314,12 +309,13 @@ class Trainer:
         if failure.pending:  # the survivors return at once: their collectives were aborted
             ray.wait(failure.pending, num_returns=len(failure.pending),
                      timeout=self.config.collective.timeout_s)
-        reached = _window_reached(failure.pending, plans)
+        reached = (failure.reached if failure.reached is not None
+                   else _window_reached(failure.pending, plans))
         step = max(reached, default=plans[0].global_step)
         self.metrics.event("window_lost", first_step=plans[0].global_step, failed_step=step,
                            last_step=plans[-1].global_step,
                            generation=self.controller.state.generation)
-        return StepFailed(plans[0], failure.cause, failure.pending, step=step)
+        return StepFailed(plans[0], failure.cause, failure.pending, step=step, reached=reached)
 
     def _recover(self, failure: StepFailed, attempts: int = 3) -> None:
         """Re-form after ``failure``; a member lost while re-forming starts another round.
@@ -359,25 +355,25 @@ class Trainer:
                            failed_step=failure.step)
 
     def _train_window(self, plans: list[StepPlan], commit: bool) -> list[list]:
-        """One call per member for the whole window (and the commit after it); per step,
-        every rank's result."""
-        per_rank = self.controller.run_on_grid("train_window", plans, commit, plan=plans[0],
-                                               timeout=self.timeout * (len(plans) + commit))
-        return [list(step) for step in zip(*per_rank, strict=True)]
+        """One call per member for the whole window (and the commit after it), or one call
+        down the relay tree; per step, the ranks' results (merged per subtree with relays)."""
+        return self.controller.run_window(plans, commit,
+                                          timeout=self.timeout * (len(plans) + commit))
 
     # -- records -------------------------------------------------------------------------
 
     def _record_step(self, plan: StepPlan, results: list, progress: Progress) -> None:
         for result in results:
             for sample in result.skipped:
+                rank = result.rank if sample.rank is None else sample.rank
                 known = sample.name in self.totals.skipped_names()
                 if not self.totals.add_skipped(plan.epoch, sample.name):
                     continue  # a step redone after a rollback
                 self.metrics.event("skipped_sample", file=sample.name, reason=sample.reason,
-                                   epoch=plan.epoch, step=plan.global_step, rank=result.rank)
+                                   epoch=plan.epoch, step=plan.global_step, rank=rank)
                 if not known:
                     self.say(f"skipping {sample.name} (step {plan.global_step}, rank "
-                             f"{result.rank}): it cannot be decoded ({sample.reason}); it "
+                             f"{rank}): it cannot be decoded ({sample.reason}); it "
                              f"will be skipped in every epoch")
         seconds = max(r.seconds for r in results)  # the step's time on its slowest rank
         samples = sum(r.samples for r in results)

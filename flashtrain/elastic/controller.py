@@ -53,7 +53,8 @@ from flashtrain.elastic.membership import (
 )
 from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
-from flashtrain.train.clock import StepPlan
+from flashtrain.train.clock import StepPlan, StepResult
+from flashtrain.train.relay import HOP_S, WindowRelay, children_of, subtree_of
 from flashtrain.train.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class StepFailed(RuntimeError):
     """A step or commit did not complete on every member."""
 
     def __init__(self, plan: StepPlan | None, cause: BaseException, pending: list | None = None,
-                 step: int | None = None):
+                 step: int | None = None, reached: list[int] | None = None):
         # The clock position lost: the plan's step, unless ``step`` says where a window of
         # steps that began at ``plan`` ended.
         self.step = step if step is not None else plan.global_step if plan is not None else None
@@ -90,6 +91,9 @@ class StepFailed(RuntimeError):
         self.plan = plan
         self.cause = cause
         self.pending = pending or []  # the calls' object refs, some may still be running
+        # How far each settled member of a failed window got, when a relay tree collected
+        # it (else the trainer reads it from ``pending``).
+        self.reached = reached
 
 
 class ElasticAbort(RuntimeError):
@@ -271,6 +275,53 @@ class ElasticController:
         state = self.state
         refs = [getattr(actor, method).remote(*args) for actor in state.actors]
         return self._gather(state, method, refs, step=step, plan=plan, timeout=timeout)
+
+    def run_window(self, plans: list[StepPlan], commit: bool, timeout: float
+                   ) -> list[list[StepResult]]:
+        """Every member trains the window ``plans`` (and commits after it with
+        ``commit``); per step, the members' results. With more members than
+        ``runtime.relay_fanout`` the window goes down the relay tree
+        (:mod:`flashtrain.train.relay`): one call from here, and per step one result
+        merged over the grid. Fails like :meth:`run_on_grid`."""
+        state, fanout = self.state, self.config.runtime.relay_fanout
+        if not fanout or len(state.actors) <= fanout:
+            per_rank = self.run_on_grid("train_window", plans, commit, plan=plans[0],
+                                        timeout=timeout)
+            return [list(step) for step in zip(*per_rank, strict=True)]
+        self._plant_relays(state, fanout, plans[0])
+        ref = state.actors[0].relay_window.remote(state.generation, plans, commit, timeout)
+        try:
+            answer = ray.get(ref, timeout=timeout + HOP_S)
+        except _FAILURES as err:  # rank 0 died, or the whole tree missed its deadline
+            self._abort_grid(state, f"rank 0 failed in relay_window: {type(err).__name__}")
+            if not is_collective_failure(err):
+                raise WorkerError(0, "relay_window", err) from err
+            raise StepFailed(plans[0], err, step=plans[0].global_step, reached=[]) from err
+        if not answer.errors:
+            return [[merged] for merged in answer.steps]
+        # The relays aborted their subtrees; a dead relay's orphans are reached from here.
+        self._abort_grid(state, f"rank {answer.errors[0][0]} failed in a step window")
+        bugs = [(r, e) for r, e in answer.errors if not is_collective_failure(e)]
+        if bugs:
+            raise WorkerError(bugs[0][0], "train_window", bugs[0][1]) from bugs[0][1]
+        died = [e for _, e in answer.errors if isinstance(e, RayActorError)]
+        cause = died[0] if died else answer.errors[0][1]
+        raise StepFailed(plans[0], cause, step=plans[0].global_step,
+                         reached=answer.reached) from cause
+
+    def _plant_relays(self, state: GridState, fanout: int, plan: StepPlan) -> None:
+        """Give every member of ``state`` its place in the relay tree (once per grid)."""
+        if getattr(self, "_relays_of", None) is state:
+            return
+        actors, size = state.actors, len(state.actors)
+        refs = []
+        for rank, actor in enumerate(actors):
+            kids = children_of(rank, size, fanout)
+            relay = WindowRelay(state.generation, rank, [actors[k] for k in kids], kids,
+                                [actors[r] for r in subtree_of(rank, size, fanout)])
+            refs.append(actor.set_relay.remote(relay))
+        self._gather(state, "set_relay", refs, step=plan.global_step, plan=plan)
+        self._relays_of = state
 
     def _gather(self, state: GridState, method: str, refs: list, *, step: int | None,
                 plan=None, timeout: float | None = None) -> list:

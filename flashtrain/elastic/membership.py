@@ -40,10 +40,11 @@ from flashtrain.train.placement import (
     reserve,
     reserve_async,
 )
+from flashtrain.train.relay import RELAY_GROUP
 from flashtrain.train.worker import CONTROL_GROUP, Worker
 
 WorkerActor = ray.remote(max_restarts=0, max_task_retries=0,
-                         concurrency_groups={CONTROL_GROUP: 1})(Worker)
+                         concurrency_groups={CONTROL_GROUP: 1, RELAY_GROUP: 1})(Worker)
 _DEAD = (RayActorError, RayTaskError, GetTimeoutError)
 PLACEMENT_POLL_S = 0.5  # how often, at most, starting spares are looked up in the GCS
 

@@ -68,6 +68,7 @@ class SkippedSample:
 
     name: str  # path relative to the dataset root
     reason: str  # the decoder's error, for the log
+    rank: int | None = None  # the rank whose share it was (set by the worker)
 
 
 class LoadedBatch(NamedTuple):

@@ -33,6 +33,7 @@ from flashtrain.train.data import (
 )
 from flashtrain.train.decode import SkippedSample
 from flashtrain.train.models import build_model, parameter_groups
+from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay
 
 CONTROL_GROUP = "control"
 _COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -65,6 +66,7 @@ class Worker:
         self._sync: collective.GradientSynchronizer | None = None
         self._batches = None  # (key, iterator, expected step starts)
         self._commits: dict[int, bytes] = {}
+        self._relay: WindowRelay | None = None
 
     # -- grid membership -------------------------------------------------------------
 
@@ -201,6 +203,24 @@ class Worker:
                 raise
         return results
 
+    def set_relay(self, relay: WindowRelay) -> None:
+        """This member's place in the relay tree of the current grid (see
+        :mod:`flashtrain.train.relay`)."""
+        self._relay = relay
+
+    @ray.method(concurrency_group=RELAY_GROUP)
+    def relay_window(self, generation: int, plans: list[StepPlan], commit: bool,
+                     timeout: float) -> WindowAnswer:
+        """Train the window here and relay it to this member's children in the tree; the
+        subtree's merged answer. Runs in the relay concurrency group, beside the
+        ``train_window`` call it makes to this actor."""
+        relay = self._relay
+        if relay is None or relay.generation != generation:
+            held = None if relay is None else relay.generation
+            raise RuntimeError(f"rank {self.rank}: relay_window for grid generation "
+                               f"{generation}, but this member's relay tree is of {held}")
+        return relay.run(ray.get_runtime_context().current_actor, plans, commit, timeout)
+
     def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's samples of ``plan``; the data stream is rebuilt from the plan's
         cursor whenever it is not already there (new epoch, new grid, rollback).
@@ -228,7 +248,8 @@ class Worker:
         self._batches[2] = step.end_cursor
         if batch is None:  # this rank's share of a tiny tail step is empty
             return torch.empty(0, device=self.device), torch.empty(0, dtype=torch.long)
-        images, labels, self._step_skipped = batch
+        images, labels, skipped = batch
+        self._step_skipped = tuple(dataclasses.replace(s, rank=self.rank) for s in skipped)
         return (images.to(self.device, non_blocking=True),
                 labels.to(self.device, non_blocking=True))
 

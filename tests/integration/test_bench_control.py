@@ -8,22 +8,30 @@ import subprocess
 import sys
 
 
-def test_windows_make_one_call_per_worker_per_window(tmp_path):
+def test_windows_and_relays_cut_the_drivers_calls(tmp_path):
     out = tmp_path / "control.json"
-    steps, commit_every = 20, 5
+    steps, commit_every, fanout = 20, 5, 2
     result = subprocess.run(
-        [sys.executable, "-m", "flashtrain.bench", "control", "--workers", "2,3",
+        [sys.executable, "-m", "flashtrain.bench", "control", "--workers", "2,7",
          "--steps", str(steps), "--commit-every", str(commit_every), "--nodes", "2",
-         "--repeats", "1", "--json", str(out)],
+         "--fanout", str(fanout), "--repeats", "1", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = {(r["workers"], r["mode"]): r for r in data["rows"]}
-    assert set(rows) == {(2, "per-step"), (2, "windowed"), (3, "per-step"), (3, "windowed")}
-    validate = 1  # the end-of-epoch validation, one call per worker
-    for size in (2, 3):
-        per_step = rows[(size, "per-step")]["calls_per_worker_per_step"] * steps
-        windowed = rows[(size, "windowed")]["calls_per_worker_per_step"] * steps
-        assert round(per_step) == steps + validate
-        assert round(windowed) == steps // commit_every + validate
+    assert set(rows) == {(n, m) for n in (2, 7) for m in ("per-step", "windowed", "relayed")}
+    windows = steps // commit_every
+    for size in (2, 7):
+        driver_calls = {m: round(rows[(size, m)]["driver_calls_per_step"] * steps)
+                        for m in ("per-step", "windowed", "relayed")}
+        assert driver_calls["per-step"] == size * steps
+        assert driver_calls["windowed"] == size * windows
+        # Relayed: one call a window from the driver once the grid is larger than the
+        # fan-out (7 workers: a tree of depth 3); a grid within it is called directly.
+        assert driver_calls["relayed"] == (windows if size > fanout else size * windows)
+        # ... and every worker still trained every window, in one call each.
+        for mode, calls in (("windowed", windows), ("relayed", windows)):
+            assert [round(c * steps) for c in rows[(size, mode)]["worker_calls_per_step"]] \
+                == [calls] * size, (size, mode)
+    assert rows[(7, "relayed")]["tree_depth"] == 3
     assert "ms/step" in result.stdout and "2,176" in result.stdout

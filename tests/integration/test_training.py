@@ -52,8 +52,9 @@ EXACT = [
 ]
 
 
-def reference_parameters(config, steps: int) -> dict:
-    """One process, the same global batches, the textbook update: no grid at all."""
+def reference_parameters(config, steps: int, losses: list | None = None) -> dict:
+    """One process, the same global batches, the textbook update: no grid at all (each
+    step's mean loss is appended to ``losses``)."""
     data = build_datasets(config.data)
     model = build_model("tiny_cnn", data.num_classes, config.runtime.seed)
     opt_cfg = config.optimizer
@@ -67,7 +68,10 @@ def reference_parameters(config, steps: int) -> dict:
         images = torch.stack([data.train[int(i)][0] for i in indices])
         labels = torch.tensor([data.train[int(i)][1] for i in indices])
         optimizer.zero_grad()
-        F.cross_entropy(model(images), labels, label_smoothing=0.1).backward()
+        loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+        loss.backward()
+        if losses is not None:
+            losses.append(loss.item())
         for group in optimizer.param_groups:
             group["lr"] = plan.lr
         optimizer.step()
@@ -75,16 +79,27 @@ def reference_parameters(config, steps: int) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("algorithm", ["torus", "flat", "hierarchical"])
-def test_uneven_shards_match_single_process_sgd(local_ray, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,fanout", [("torus", 0), ("flat", 0), ("hierarchical", 0),
+                                              ("torus", 2)],
+                         ids=["torus", "flat", "hierarchical", "torus-relayed"])
+def test_uneven_shards_match_single_process_sgd(local_ray, tmp_path, algorithm, fanout):
+    # fanout 2: the windows go down a relay tree of the 4 workers (0 -> 1, 2; 1 -> 3) and
+    # the driver gets each step's results merged.
     assert split_batch(30, 4) == [8, 8, 7, 7]
-    config = load_config(None, EXACT + [f"collective.algorithm={algorithm}"])
+    config = load_config(None, EXACT + [f"collective.algorithm={algorithm}",
+                                        f"runtime.relay_fanout={fanout}"])
     summary = run_trainer(config, tmp_path / "run", tmp_path / "cache")
     assert summary["global_steps"] == 4
     trained = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))["model"]
-    expected = reference_parameters(config, 4)
+    losses = []
+    expected = reference_parameters(config, 4, losses)
     for name, value in expected.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["samples"] for r in steps] == [30] * 4  # every rank's share, once
+    assert [r["loss"] for r in steps] == pytest.approx(losses, rel=1e-5)
     # And the parameters moved: the comparison is not between two untouched models.
     initial = build_model("tiny_cnn", 10, config.runtime.seed).state_dict()
     assert any(not torch.allclose(initial[k], expected[k]) for k in expected)

@@ -1,0 +1,175 @@
+"""A step window handed down a tree of the grid's own members, so that the driver makes
+one call per window whatever the grid's size.
+
+With ``runtime.relay_fanout = B`` and more than B members, the members form a B-ary tree
+over their ranks (rank r's children are ranks ``r*B + 1 .. r*B + B``, :func:`children_of`).
+The driver calls ``relay_window`` on rank 0 only. Each member, in its relay concurrency
+group (beside the training thread), starts its own ``train_window`` through its actor
+handle and ``relay_window`` on each child, waits for them, and answers with one
+:class:`WindowAnswer`: per step, its subtree's results merged into one
+(:func:`merge_results`: sums, and the slowest rank's times), and every failure with its
+rank. The driver's work per window is then one call and B merges per step, independent
+of the grid's size; the fan-out costs each member at most B calls.
+
+Failures keep the fail-fast guarantee of the direct path: the first failure a relay sees
+(a child died, its call raised, the deadline passed) makes it abort the collectives of
+its whole subtree at once (through the control concurrency group, beside a blocked
+step), so the subtree settles in milliseconds and the answer climbs; each relay above
+does the same for its own subtree, so the abort reaches every member. Each level waits
+:data:`HOP_S` less than its parent, so an answer always arrives before the parent's
+deadline. A member that dies takes its subtree's answers with it: its parent reports it
+as failed, the orphans' calls end with their aborted collectives, and the controller's
+recovery pings every member as on the direct path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from flashtrain.train.clock import StepPlan, StepResult
+
+RELAY_GROUP = "relay"
+HOP_S = 2.0  # each level of the tree waits this much less than the one above it
+_FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
+
+
+def children_of(rank: int, num_workers: int, fanout: int) -> list[int]:
+    """The ranks ``rank`` relays a window to in a ``fanout``-ary tree over the grid."""
+    first = rank * fanout + 1
+    return list(range(first, min(first + fanout, num_workers)))
+
+
+def subtree_of(rank: int, num_workers: int, fanout: int) -> list[int]:
+    """``rank`` and every rank below it in the tree, in rank order."""
+    ranks, level = [], [rank]
+    while level:
+        ranks += level
+        level = [child for r in level for child in children_of(r, num_workers, fanout)]
+    return sorted(ranks)
+
+
+def tree_depth(num_workers: int, fanout: int) -> int:
+    """Levels of relays below the driver (1: rank 0 alone)."""
+    depth, reach, width = 1, 1, 1
+    while reach < num_workers:
+        width *= fanout
+        reach += width
+        depth += 1
+    return depth
+
+
+def merge_results(results: list[StepResult]) -> StepResult:
+    """Several ranks' results of one step as one: samples, loss and correct add up, the
+    seconds, sync and end time are the slowest rank's, the compute / exposed / data-wait
+    split is that of the rank whose step took longest (as the driver reports it), the
+    skipped samples are all of them. The merged result carries that rank's number."""
+    slowest = max(results, key=lambda r: r.compute_s + r.comm_exposed_s + r.data_wait_s)
+    return dataclasses.replace(
+        slowest,
+        samples=sum(r.samples for r in results),
+        loss_sum=sum(r.loss_sum for r in results),
+        correct=sum(r.correct for r in results),
+        sync_s=max(r.sync_s for r in results),
+        skipped=tuple(s for r in results for s in r.skipped),
+        seconds=max((r.seconds for r in results if r.seconds is not None), default=None),
+        finished_at=max((r.finished_at for r in results if r.finished_at is not None),
+                        default=None))
+
+
+@dataclass
+class WindowAnswer:
+    """A subtree's answer to a window: per step, its results merged; the failures with
+    the rank they happened on; how far each settled member got (the step its error
+    names, or the position after the window when it finished)."""
+
+    steps: list[StepResult] | None = None  # None until a member answered
+    ranks: int = 0  # members whose results are in ``steps``
+    errors: list[tuple[int, BaseException]] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)
+
+    def add_results(self, results: list[StepResult], ranks: int = 1) -> None:
+        if self.steps is None:
+            self.steps = list(results)
+        else:
+            self.steps = [merge_results([a, b]) for a, b in zip(self.steps, results, strict=True)]
+        self.ranks += ranks
+
+    def add(self, other: WindowAnswer) -> None:
+        if other.steps is not None:
+            self.add_results(other.steps, other.ranks)
+        self.errors += other.errors
+        self.reached += other.reached
+
+
+def window_step_of(err: BaseException) -> int | None:
+    """The global step a member's window ended in, if its error says (see
+    :meth:`flashtrain.train.worker.Worker.train_window`)."""
+    cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
+    return getattr(cause, "window_step", None)
+
+
+class WindowRelay:
+    """A member's place in the relay tree of one grid generation."""
+
+    def __init__(self, generation: int, rank: int, children: list, child_ranks: list[int],
+                 subtree: list):
+        self.generation = generation
+        self.rank = rank
+        self.children = children  # actor handles, one per child rank
+        self.child_ranks = child_ranks
+        self.subtree = subtree  # actor handles of this rank and everything below it
+
+    def run(self, me, plans: list[StepPlan], commit: bool, timeout: float) -> WindowAnswer:
+        """Train the window on ``me`` (this member's own actor handle) and relay it to the
+        children; the subtree's answer within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        who = {me.train_window.remote(plans, commit): (self.rank, False)}
+        for child, rank in zip(self.children, self.child_ranks, strict=True):
+            ref = child.relay_window.remote(self.generation, plans, commit,
+                                            max(timeout - HOP_S, HOP_S))
+            who[ref] = (rank, True)
+        answer, pending, aborted = WindowAnswer(), list(who), False
+        end = plans[-1].global_step + 1
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(deadline - time.monotonic(), 0))
+            if ready and pending:  # sweep up whatever else is done
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ready += more
+            if not ready:  # the deadline passed: the rest count as timed out
+                for ref in pending:
+                    answer.errors.append((who[ref][0], GetTimeoutError(
+                        f"train_window did not finish on rank {who[ref][0]}"
+                        f"{' or below it' if who[ref][1] else ''} within {timeout:g}s")))
+                self.abort(f"rank {who[pending[0]][0]} timed out in a step window")
+                break
+            for ref in ready:
+                rank, relayed = who[ref]
+                try:
+                    value = ray.get(ref, timeout=0)
+                except _FAILURES as err:
+                    answer.errors.append((rank, err))
+                    step = None if relayed else window_step_of(err)
+                    if step is not None:
+                        answer.reached.append(step)
+                else:
+                    if relayed:
+                        answer.add(value)
+                    else:
+                        answer.add_results(value)
+                        answer.reached.append(end)
+            if answer.errors and not aborted:
+                self.abort(f"rank {answer.errors[0][0]} failed in a step window")
+                aborted = True
+        return answer
+
+    def abort(self, reason: str) -> None:
+        """Abort the collectives of this generation on every member of the subtree (fire
+        and forget: a dead member's call just fails)."""
+        for actor in self.subtree:
+            actor.abort_collectives.remote(self.generation, reason)
