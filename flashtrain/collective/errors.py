@@ -25,6 +25,7 @@ class CollectiveTimeoutError(CollectiveError):
         self.rank = rank
         self.op = op
         self.timeout_s = timeout_s
+        self.detail = detail
         message = (
             f"collective {op!r} in group {group!r} (rank {rank}) did not complete "
             f"within {timeout_s:g} s"
@@ -34,8 +35,10 @@ class CollectiveTimeoutError(CollectiveError):
         super().__init__(message)
 
     def __reduce__(self):
-        # Ray pickles exceptions across processes; keep the structured fields.
-        return (type(self), (self.group, self.rank, self.op, self.timeout_s))
+        # Ray pickles exceptions across processes; keep the structured fields and any
+        # attribute set on the way up (the worker tags its step window's step on it).
+        return (type(self), (self.group, self.rank, self.op, self.timeout_s, self.detail),
+                self.__dict__)
 
 
 class CollectiveAbortedError(CollectiveError):
@@ -54,4 +57,4 @@ class CollectiveAbortedError(CollectiveError):
         super().__init__(message)
 
     def __reduce__(self):
-        return (type(self), (self.group, self.rank, self.op, self.reason))
+        return (type(self), (self.group, self.rank, self.op, self.reason), self.__dict__)

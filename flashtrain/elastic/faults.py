@@ -1,7 +1,8 @@
 """Injected failures for demos and tests (the ``faults`` config section).
 
 Each fault fires once, just before its global step is dispatched. Worker faults act on
-the last rank of the grid. Node faults need to own the nodes: they work when the job
+the last rank of the grid: they are armed (a confirmed call) before the step is sent and
+go off inside the victim's step, whoever relays the step to it. Node faults need to own the nodes: they work when the job
 runs on an emulated multi-node cluster on this machine (``runtime.local_nodes``), where
 "remove a node" stops the Ray node that hosts the last rank and "add a node" starts a
 fresh one.
@@ -9,7 +10,11 @@ fresh one.
 
 from __future__ import annotations
 
+import ray
+
 from flashtrain.config import FaultsConfig
+
+ARM_TIMEOUT_S = 30.0  # arming a fault is one attribute set on the victim
 
 
 class FaultInjector:
@@ -35,11 +40,14 @@ class FaultInjector:
             where = self._faults.kill_during
             self._note("kill_worker", step, f"rank {len(members) - 1} will die in its {where}")
             # The commit after step s is tagged s + 1 (the clock position it saves).
-            victim.actor.arm_exit.remote(where, step if where == "allreduce" else step + 1)
+            # Armed before the step is sent: with relays the step's call reaches the
+            # victim from another member, in no fixed order with the driver's calls.
+            ray.get(victim.actor.arm_exit.remote(where, step if where == "allreduce" else step + 1),
+                    timeout=ARM_TIMEOUT_S)
         if self._due("stall", self._faults.stall_worker_at_steps, step):
             seconds = self._stall_s
             self._note("stall_worker", step, f"stalling rank {len(members) - 1} for {seconds:.0f}s")
-            victim.actor.stall.remote(seconds)
+            ray.get(victim.actor.arm_stall.remote(step, seconds), timeout=ARM_TIMEOUT_S)
         if self._due("remove", self._faults.remove_node_at_steps, step):
             self._remove_node(victim.node, step)
         if self._due("add", self._faults.add_node_at_steps, step):

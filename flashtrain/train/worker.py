@@ -149,6 +149,7 @@ class Worker:
             if param.requires_grad and param.grad is None:  # an empty share still syncs zeros
                 param.grad = torch.zeros_like(param)
         computed = time.perf_counter()
+        self._maybe_stall(plan.global_step)
         self._maybe_die("allreduce", plan.global_step)
         try:
             with collective.SyncClock(self.device) as exposed:
@@ -349,9 +350,16 @@ class Worker:
         gradients (fp16 only); every rank must then skip the step."""
         self.scaler.arm_nonfinite(step)
 
-    def stall(self, seconds: float) -> None:
-        """Fault injection: block this worker (its peers then hit the collective timeout)."""
-        time.sleep(seconds)
+    def arm_stall(self, step: int, seconds: float) -> None:
+        """Fault injection: block this worker for ``seconds`` before the gradient
+        all-reduce of global step ``step`` (its peers then hit the collective timeout)."""
+        self._armed_stall = (step, seconds)
+
+    def _maybe_stall(self, step: int) -> None:
+        armed = getattr(self, "_armed_stall", None)
+        if armed is not None and step >= armed[0]:
+            self._armed_stall = None
+            time.sleep(armed[1])
 
     def ping(self) -> bool:
         return True

@@ -80,3 +80,17 @@ def test_merging_in_any_grouping_gives_the_drivers_sums(step, cut):
 def test_merge_results_of_one_rank_is_that_rank():
     one = StepResult(3, 2, 8, 1.5, 4, 0.1, 0.2, seconds=0.4, finished_at=12.0)
     assert merge_results([one]) == one
+
+
+def test_collective_errors_keep_their_window_step_across_processes():
+    """Relays and the driver place a failed window by the step its survivors' errors
+    carry; the errors cross two pickles on the way up."""
+    import pickle
+
+    from flashtrain.collective.errors import CollectiveAbortedError, CollectiveTimeoutError
+
+    for err in (CollectiveTimeoutError("row0", 1, "allreduce", 4.0, "peer closed"),
+                CollectiveAbortedError("col1", 0, "allreduce", "rank 3 died")):
+        err.window_step = 8
+        again = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(err))))
+        assert (type(again), str(again), again.window_step) == (type(err), str(err), 8)
