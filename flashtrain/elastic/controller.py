@@ -54,8 +54,8 @@ from flashtrain.elastic.membership import (
 from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
 from flashtrain.train.clock import StepPlan, StepResult
-from flashtrain.train.relay import HOP_S, WindowRelay, children_of, subtree_of
 from flashtrain.train.metrics import MetricsWriter
+from flashtrain.train.relay import HOP_S, WindowRelay, children_of, subtree_of
 
 log = logging.getLogger(__name__)
 

@@ -167,13 +167,6 @@ class ScheduleActor:
         self._clock = TrainingClock(**clock_state)
         self._committed = self._clock.state_dict()
 
-    def next_plan(self) -> StepPlan:
-        return self._clock.plan(self._schedule)
-
-    def advance(self, plan: StepPlan) -> dict:
-        self._clock.advance(plan)
-        return self._clock.state_dict()
-
     def advance_window(self, plans: list[StepPlan]) -> dict:
         """Record a whole window of steps trained by every worker (one call per window).
         All or nothing: a plan out of place leaves the clock where it was."""
@@ -196,6 +189,3 @@ class ScheduleActor:
 
     def state(self) -> dict:
         return self._clock.state_dict()
-
-    def done(self) -> bool:
-        return self._clock.epoch >= self._schedule.epochs

@@ -108,6 +108,14 @@ def time_span(records: Iterable[dict[str, Any]]) -> tuple[float, float] | None:
     return min(times) - margin, max(times) + margin
 
 
+def _finish_time_axes(axes, reforms: list, span, plotted: bool, ylabel: str, title: str) -> None:
+    """The frame of a figure against wall time: re-form marks, labels, span, legend."""
+    _mark_reforms(axes, reforms, "time")
+    axes.set(xlabel="time since the run started (s)", ylabel=ylabel, title=title, xlim=span)
+    if plotted or reforms:
+        axes.legend(loc="best")
+
+
 def loss_figure(steps: list, reforms: list, span: tuple[float, float] | None = None) -> ReportFigure:
     figure = Figure(figsize=(8, 3.6))
     axes = figure.add_subplot()
@@ -116,11 +124,8 @@ def loss_figure(steps: list, reforms: list, span: tuple[float, float] | None = N
         axes.plot(times, losses, color="tab:blue", linewidth=1, label="training loss")
     else:
         _no_data(axes, "training steps")
-    _mark_reforms(axes, reforms, "time")
-    axes.set(xlabel="time since the run started (s)", ylabel="training loss",
-             title="Training loss against time", xlim=span)
-    if times or reforms:
-        axes.legend(loc="best")
+    _finish_time_axes(axes, reforms, span, bool(times), ylabel="training loss",
+                      title="Training loss against time")
     return ReportFigure("loss", "Training loss of every recorded step against wall time; "
                         "dashed lines are grid re-forms.", _png(figure))
 
@@ -139,11 +144,8 @@ def top1_figure(epochs: list, reforms: list, span: tuple[float, float] | None = 
         axes.set_ylim(0, 100)
     else:
         _no_data(axes, "validated epochs")
-    _mark_reforms(axes, reforms, "time")
-    axes.set(xlabel="time since the run started (s)", ylabel="accuracy (%)",
-             title="Validation accuracy against time", xlim=span)
-    if times or reforms:
-        axes.legend(loc="best")
+    _finish_time_axes(axes, reforms, span, bool(times), ylabel="accuracy (%)",
+                      title="Validation accuracy against time")
     return ReportFigure("top1", "Validation top-1 (and top-5) at the end of each epoch "
                         "against wall time.", _png(figure))
 

@@ -7,12 +7,17 @@ samples_per_epoch), record each re-form, and keep the loss curve going.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from flashtrain.bench.killer import alive_actor_pids, completed_steps
 from flashtrain.config import load_config
 from flashtrain.driver.trainer import Trainer
 from flashtrain.elastic.controller import ElasticAbort
@@ -91,9 +96,12 @@ def test_node_leaves_mid_epoch_then_a_node_joins(cluster, tmp_path):
     assert [r["new_grid"] for r in on_disk] == [r["new_grid"] for r in reforms]
 
 
-def test_worker_killed_inside_the_allreduce(cluster, tmp_path):
-    # Long enough (6 epochs of 45 steps) for the replacement to start and join.
-    summary, records = train(cluster, tmp_path, ["faults.kill_worker_at_steps=[8]"] + LONG)
+@pytest.mark.parametrize("fanout", [0, 2], ids=["direct", "relayed"])
+def test_worker_killed_inside_the_allreduce(cluster, tmp_path, fanout):
+    # Long enough (6 epochs of 45 steps) for the replacement to start and join. Relayed:
+    # the dead rank 3 is a leaf under rank 1, which must report it up at once.
+    summary, records = train(cluster, tmp_path, ["faults.kill_worker_at_steps=[8]",
+                                                 f"runtime.relay_fanout={fanout}"] + LONG)
     assert_exactly_once_and_learning(summary, records)
     first = summary["reforms"][0]
     assert first["failed_step"] == 8 and first["steps_rolled_back"] == 2  # commit at 6
@@ -173,3 +181,43 @@ def test_below_min_workers_fails_with_a_checkpoint_of_the_last_commit(cluster, t
         trainer.close()
     clock = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["clock"]
     assert clock["global_step"] == 6  # the last commit before the failed step 8
+
+
+def test_relay_root_sigkilled_from_outside(cluster, tmp_path):
+    """The member the driver calls (rank 0, the relay tree's root) dies from the operating
+    system's SIGKILL in the middle of a window: the driver learns it from Ray at once,
+    aborts every member, and the grid re-forms (and grows back) exactly once."""
+    config = load_config(None, BASE + LONG + ["runtime.relay_fanout=2"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer = Trainer(config, run_dir, tmp_path / "cache", say=print, cluster=cluster)
+    killed = []
+
+    def kill_root_at_step(step: int) -> None:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            done = completed_steps(metrics)
+            if done and done[-1][0] >= step:
+                root = trainer.controller.state.members[0]
+                pid = alive_actor_pids("Worker", {root.actor_id}).get(root.actor_id)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_root_at_step, args=(20,), daemon=True)
+    killer.start()
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+        killer.join(timeout=5)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert killed, "rank 0 was not killed"
+    assert_exactly_once_and_learning(summary, records)
+    first = summary["reforms"][0]
+    assert first["old_grid"] == "2x2" and first["cause"] == "RayActorError"
+    assert first["recovery_seconds"] < 4  # Ray knew: no collective timeout was waited out
+    assert summary["final_grid"] == "2x2"

@@ -104,20 +104,3 @@ def test_the_slurm_script_takes_its_hosts_from_scontrol():
     text = (REPO / "cluster" / "slurm" / "job.sh").read_text()
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
 
-
-def test_nothing_in_the_product_imports_the_launcher():
-    """The launcher is a CLI on top of everything: it runs the job as a process, and no
-    module of flashtrain may depend on it (its node agent is its own)."""
-    import ast
-
-    launcher = {"flashtrain.launch", "flashtrain.launch_node"}
-    for path in (REPO / "flashtrain").rglob("*.py"):
-        if path.name in ("launch.py", "launch_node.py"):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            assert not launcher & set(names), f"{path} imports the launcher"

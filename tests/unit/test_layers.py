@@ -20,20 +20,26 @@ ALLOWED = {
 }
 
 
+def imported_names(path: Path) -> set[str]:
+    """Every dotted name ``path`` imports: ``import a.b`` gives ``a.b``; ``from a.b
+    import c`` gives ``a.b`` and ``a.b.c``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
+
+
 def imported_packages(path: Path) -> set[str]:
     """The flashtrain sub-packages ``path`` imports (``flashtrain.X...`` or ``from
     flashtrain import X`` where X is a package)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "flashtrain" and len(parts) > 1 and (PACKAGE / parts[1]).is_dir():
-                found.add(parts[1])
+    for name in imported_names(path):
+        parts = name.split(".")
+        if parts[0] == "flashtrain" and len(parts) > 1 and (PACKAGE / parts[1]).is_dir():
+            found.add(parts[1])
     return found
 
 
@@ -50,3 +56,12 @@ def test_packages_import_only_the_layers_below_them():
 def test_core_modules_import_no_package_above_them():
     for path in PACKAGE.glob("*.py"):
         assert not imported_packages(path) & {"bench", "driver", "jobs", "elastic"}, path
+
+
+def test_nothing_in_the_product_imports_the_launcher():
+    """The launcher is a CLI on top of everything: it runs the job as a process, and no
+    module of flashtrain may depend on it (its node agent is its own)."""
+    launcher = {"flashtrain.launch", "flashtrain.launch_node"}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name not in ("launch.py", "launch_node.py"):
+            assert not launcher & imported_names(path), f"{path} imports the launcher"
