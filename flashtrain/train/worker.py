@@ -119,6 +119,7 @@ class Worker:
     def train_step(self, plan: StepPlan) -> StepResult:
         """Train this rank's share of ``plan`` and apply the synchronised update."""
         assert self.grid is not None and self._sync is not None, "join a grid first"
+        self._maybe_stall(plan.global_step)
         started = time.perf_counter()
         images, labels = self._next_batch(plan)
         self.model.train()
@@ -149,7 +150,6 @@ class Worker:
             if param.requires_grad and param.grad is None:  # an empty share still syncs zeros
                 param.grad = torch.zeros_like(param)
         computed = time.perf_counter()
-        self._maybe_stall(plan.global_step)
         self._maybe_die("allreduce", plan.global_step)
         try:
             with collective.SyncClock(self.device) as exposed:
@@ -351,8 +351,8 @@ class Worker:
         self.scaler.arm_nonfinite(step)
 
     def arm_stall(self, step: int, seconds: float) -> None:
-        """Fault injection: block this worker for ``seconds`` before the gradient
-        all-reduce of global step ``step`` (its peers then hit the collective timeout)."""
+        """Fault injection: block this worker for ``seconds`` as global step ``step``
+        begins (its peers then wait for its gradients until the collective timeout)."""
         self._armed_stall = (step, seconds)
 
     def _maybe_stall(self, step: int) -> None:
