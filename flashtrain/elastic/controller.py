@@ -320,7 +320,10 @@ class ElasticController:
             relay = WindowRelay(state.generation, rank, [actors[k] for k in kids], kids,
                                 [actors[r] for r in subtree_of(rank, size, fanout)])
             refs.append(actor.set_relay.remote(relay))
-        self._gather(state, "set_relay", refs, step=plan.global_step, plan=plan)
+        try:
+            self._gather(state, "set_relay", refs, step=plan.global_step, plan=plan)
+        except StepFailed as err:  # nobody trained: the window fails at its first step
+            raise StepFailed(plan, err.cause, step=plan.global_step, reached=[]) from err.cause
         self._relays_of = state
 
     def _gather(self, state: GridState, method: str, refs: list, *, step: int | None,
