@@ -63,6 +63,10 @@ class CollectiveConfig(_Section):
     bucket_mb: float = Field(64.0, gt=0, description="Gradient fusion bucket size in MiB. "
                              "Default from `bench allreduce`'s size sweep on 2x2 (README): the "
                              "smallest size within 90% of the torus's best bus bandwidth.")
+    pipeline_chunks: int = Field(8, ge=1, description="The most chunks the gloo torus "
+                                 "pipelines a bucket over (its column all-reduce on its own "
+                                 "thread beside the row phases); 1: the three phases one "
+                                 "after the other.")
     comm_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="Dtype on the wire; 16-bit halves the bytes, accumulation stays fp32.")
     timeout_s: float = Field(60.0, gt=0, description="Every collective call fails with a typed "

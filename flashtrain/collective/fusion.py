@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashtrain.collective.allreduce import GridComm, allreduce_
+from flashtrain.collective.allreduce import PIPELINE_MAX_CHUNKS, GridComm, allreduce_
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,12 @@ class GradientSynchronizer:
 
     def __init__(self, params: list[torch.nn.Parameter], comm: GridComm,
                  algorithm: str = "torus", bucket_bytes: int = 25 * 2**20,
-                 comm_dtype: torch.dtype | None = None):
+                 comm_dtype: torch.dtype | None = None,
+                 pipeline_chunks: int = PIPELINE_MAX_CHUNKS):
         self.comm = comm
         self.algorithm = algorithm
         self.comm_dtype = comm_dtype
+        self.pipeline_chunks = pipeline_chunks
         self.buckets = plan_buckets(list(params)[::-1], bucket_bytes)
         self.comm_seconds = 0.0  # wall time of the last step's bucket all-reduces
 
@@ -96,7 +98,8 @@ class GradientSynchronizer:
 
     def _reduce_bucket(self, bucket: Bucket, op: str) -> None:
         self._pack(bucket)
-        allreduce_(bucket.buffer, self.comm, self.algorithm, op, self.comm_dtype)
+        allreduce_(bucket.buffer, self.comm, self.algorithm, op, self.comm_dtype,
+                   pipeline_chunks=self.pipeline_chunks)
         self._unpack(bucket)
 
     @staticmethod

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from flashtrain.collective.allreduce import GridComm, abort_grid
+from flashtrain.collective.allreduce import PIPELINE_MAX_CHUNKS, GridComm, abort_grid
 from flashtrain.collective.errors import CollectiveTimeoutError
 from flashtrain.collective.fusion import GradientSynchronizer
 
@@ -51,9 +51,10 @@ class OverlappedSynchronizer(GradientSynchronizer):
 
     def __init__(self, params: list[torch.nn.Parameter], comm: GridComm,
                  algorithm: str = "torus", bucket_bytes: int = 25 * 2**20,
-                 comm_dtype: torch.dtype | None = None):
+                 comm_dtype: torch.dtype | None = None,
+                 pipeline_chunks: int = PIPELINE_MAX_CHUNKS):
         params = list(params)
-        super().__init__(params, comm, algorithm, bucket_bytes, comm_dtype)
+        super().__init__(params, comm, algorithm, bucket_bytes, comm_dtype, pipeline_chunks)
         self._bucket_of = {id(p): index for index, bucket in enumerate(self.buckets)
                            for p in bucket.params}
         self._changed = threading.Condition()

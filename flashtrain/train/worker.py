@@ -85,7 +85,8 @@ class Worker:
                         else collective.GradientSynchronizer)
         self._sync = synchronizer(
             [p for p in self.model.parameters() if p.requires_grad], self.comm, c.algorithm,
-            bucket_bytes=int(c.bucket_mb * 2**20), comm_dtype=_COMM_DTYPES[c.comm_dtype])
+            bucket_bytes=int(c.bucket_mb * 2**20), comm_dtype=_COMM_DTYPES[c.comm_dtype],
+            pipeline_chunks=c.pipeline_chunks)
         self._batches = None
         return os.getpid()
 
