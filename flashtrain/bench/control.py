@@ -34,6 +34,7 @@ import argparse
 import json
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -62,6 +63,7 @@ class StubWorker:
         self.rank = rank
         self.calls = 0  # train_window and commit calls, from the driver or a relay
         self.relay_calls = 0
+        self.window_thread = ThreadPoolExecutor(max_workers=1)
 
     def train_window(self, plans: list[StepPlan], commit: bool = False) -> list[StepResult]:
         self.calls += 1
@@ -88,7 +90,8 @@ class StubWorker:
                      timeout: float) -> WindowAnswer:
         """The real relay (:class:`~flashtrain.train.relay.WindowRelay`) over stubs."""
         self.relay_calls += 1
-        return self.relay.run(ray.get_runtime_context().current_actor, plans, commit, timeout)
+        return self.relay.run(lambda: self.window_thread.submit(self.train_window, plans, commit),
+                              plans, commit, timeout)
 
     def take_calls(self) -> tuple[int, int]:
         """(train_window and commit calls, relay_window calls) since the last time, and

@@ -71,8 +71,8 @@ def is_collective_failure(err: BaseException) -> bool:
     """A failure that means "the grid could not finish", as opposed to a bug or bad input
     in worker code: the worker died (Ray knows), a call timed out, or a collective gave
     up because a peer died, hung or was aborted."""
-    if isinstance(err, RayActorError | GetTimeoutError):
-        return True
+    if isinstance(err, RayActorError | GetTimeoutError | CollectiveError):
+        return True  # (a relay's own window raises the collective's error itself)
     if isinstance(err, RayTaskError):
         return isinstance(err.as_instanceof_cause(), CollectiveError)
     return False
@@ -115,16 +115,20 @@ class WorkerError(ElasticAbort):
     """Worker code raised (a bug, bad input): not a membership change, so re-forming
     cannot help; the run stops with that worker's error."""
 
-    def __init__(self, rank: int, method: str, cause: RayTaskError):
+    def __init__(self, rank: int, method: str, cause: BaseException):
         self.rank = rank
         self.method = method
         self.cause = cause
-        inner = getattr(cause, "cause", None)
+        # A RayTaskError carries the worker's exception; a relay reports its own window's
+        # exception itself, with the traceback as text (``traceback_text``).
+        inner = getattr(cause, "cause", None) if isinstance(cause, RayTaskError) else cause
         detail = (f"{type(inner).__name__}: {inner}" if inner is not None
                   else str(cause).strip().splitlines()[-1])
         step = getattr(inner, "window_step", None)  # train_window names the step
         where = f"{method} at step {step}" if step is not None else method
-        super().__init__(f"worker rank {rank} raised in {where}: {detail}")
+        trace = getattr(inner, "traceback_text", None)
+        super().__init__(f"worker rank {rank} raised in {where}: {detail}"
+                         + (f"\n{trace}" if trace else ""))
 
 
 @dataclass

@@ -4,8 +4,8 @@ one call per window whatever the grid's size.
 With ``runtime.relay_fanout = B`` and more than B members, the members form a B-ary tree
 over their ranks (rank r's children are ranks ``r*B + 1 .. r*B + B``, :func:`children_of`).
 The driver calls ``relay_window`` on rank 0 only. Each member, in its relay concurrency
-group (beside the training thread), starts its own ``train_window`` through its actor
-handle and ``relay_window`` on each child, waits for them, and answers with one
+group, calls ``relay_window`` on each child, trains the window itself on a thread of its
+own, waits for both, and answers with one
 :class:`WindowAnswer`: per step, its subtree's results merged into one
 (:func:`merge_results`: sums, and the slowest rank's times), and every failure with its
 rank. The driver's work per window is then one call and B merges per step, independent
@@ -26,6 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import ray
@@ -35,6 +39,7 @@ from flashtrain.train.clock import StepPlan, StepResult
 
 RELAY_GROUP = "relay"
 HOP_S = 2.0  # each level of the tree waits this much less than the one above it
+POLL_S = 0.02  # how often a relay looks at its children while its own window trains
 _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 
 
@@ -108,9 +113,13 @@ class WindowAnswer:
 
 def window_step_of(err: BaseException) -> int | None:
     """The global step a member's window ended in, if its error says (see
-    :meth:`flashtrain.train.worker.Worker.train_window`)."""
-    cause = getattr(err, "cause", None)  # a RayTaskError carries the worker's exception
-    return getattr(cause, "window_step", None)
+    :meth:`flashtrain.train.worker.Worker.train_window`): on the exception itself (a
+    relay's own window) or on the one a RayTaskError carries."""
+    for candidate in (getattr(err, "cause", None), err):
+        step = getattr(candidate, "window_step", None)
+        if step is not None:
+            return step
+    return None
 
 
 class WindowRelay:
@@ -124,49 +133,69 @@ class WindowRelay:
         self.child_ranks = child_ranks
         self.subtree = subtree  # actor handles of this rank and everything below it
 
-    def run(self, me, plans: list[StepPlan], commit: bool, timeout: float) -> WindowAnswer:
-        """Train the window on ``me`` (this member's own actor handle) and relay it to the
-        children; the subtree's answer within ``timeout`` seconds."""
+    def run(self, start_own: Callable[[], Future], plans: list[StepPlan], commit: bool,
+            timeout: float) -> WindowAnswer:
+        """Relay the window to the children, train it here (``start_own`` starts this
+        member's own ``train_window`` on its window thread and returns the future), and
+        answer for the subtree within ``timeout`` seconds.
+
+        The own window runs in this process, not through a call to this actor: on the
+        2-core test machine that call alone doubled a window's round trip. While it runs,
+        the children's answers are polled every :data:`POLL_S`, so a failure below is
+        acted on at once."""
         deadline = time.monotonic() + timeout
-        who = {me.train_window.remote(plans, commit): (self.rank, False)}
+        who = {}
         for child, rank in zip(self.children, self.child_ranks, strict=True):
             ref = child.relay_window.remote(self.generation, plans, commit,
                                             max(timeout - HOP_S, HOP_S))
-            who[ref] = (rank, True)
-        answer, pending, aborted = WindowAnswer(), list(who), False
-        end = plans[-1].global_step + 1
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1,
-                                      timeout=max(deadline - time.monotonic(), 0))
-            if ready and pending:  # sweep up whatever else is done
-                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-                ready += more
-            if not ready:  # the deadline passed: the rest count as timed out
-                for ref in pending:
-                    answer.errors.append((who[ref][0], GetTimeoutError(
-                        f"train_window did not finish on rank {who[ref][0]}"
-                        f"{' or below it' if who[ref][1] else ''} within {timeout:g}s")))
-                self.abort(f"rank {who[pending[0]][0]} timed out in a step window")
-                break
-            for ref in ready:
-                rank, relayed = who[ref]
-                try:
-                    value = ray.get(ref, timeout=0)
-                except _FAILURES as err:
-                    answer.errors.append((rank, err))
-                    step = None if relayed else window_step_of(err)
-                    if step is not None:
-                        answer.reached.append(step)
-                else:
-                    if relayed:
-                        answer.add(value)
-                    else:
-                        answer.add_results(value)
-                        answer.reached.append(end)
+            who[ref] = rank
+        own = start_own()
+        answer, pending, own_settled, aborted = WindowAnswer(), list(who), False, False
+        while True:
+            if not own_settled and own.done():
+                self._settle_own(own, answer, plans[-1].global_step + 1)
+                own_settled = True
             if answer.errors and not aborted:
                 self.abort(f"rank {answer.errors[0][0]} failed in a step window")
                 aborted = True
-        return answer
+            if own_settled and not pending:
+                return answer
+            left = deadline - time.monotonic()
+            if left <= 0:  # the deadline passed: what has not answered counts as timed out
+                late = [who[ref] for ref in pending] + ([] if own_settled else [self.rank])
+                answer.errors += [(rank, GetTimeoutError(
+                    f"train_window did not finish on rank {rank}"
+                    f"{' or below it' if rank != self.rank else ''} within {timeout:g}s"))
+                    for rank in late]
+                self.abort(f"rank {late[0]} timed out in a step window")
+                return answer
+            if not pending:
+                wait_futures([own], timeout=left)
+                continue
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=left if own_settled else min(left, POLL_S))
+            if ready and pending:  # sweep up whatever else is done
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                ready += more
+            for ref in ready:
+                try:
+                    answer.add(ray.get(ref, timeout=0))
+                except _FAILURES as err:  # the child died, or its relay_window raised
+                    answer.errors.append((who[ref], err))
+
+    def _settle_own(self, own: Future, answer: WindowAnswer, end: int) -> None:
+        try:
+            results = own.result()
+        except Exception as err:  # noqa: BLE001 - classified by the driver
+            # Raised here, not in a Ray call: keep the traceback for the driver's message.
+            err.traceback_text = "".join(traceback.format_exception(err))
+            answer.errors.append((self.rank, err))
+            step = getattr(err, "window_step", None)
+            if step is not None:
+                answer.reached.append(step)
+        else:
+            answer.add_results(results)
+            answer.reached.append(end)
 
     def abort(self, reason: str) -> None:
         """Abort the collectives of this generation on every member of the subtree (fire

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -67,6 +68,7 @@ class Worker:
         self._batches = None  # (key, iterator, expected step starts)
         self._commits: dict[int, bytes] = {}
         self._relay: WindowRelay | None = None
+        self._window_thread: ThreadPoolExecutor | None = None
 
     # -- grid membership -------------------------------------------------------------
 
@@ -213,15 +215,20 @@ class Worker:
     @ray.method(concurrency_group=RELAY_GROUP)
     def relay_window(self, generation: int, plans: list[StepPlan], commit: bool,
                      timeout: float) -> WindowAnswer:
-        """Train the window here and relay it to this member's children in the tree; the
-        subtree's merged answer. Runs in the relay concurrency group, beside the
-        ``train_window`` call it makes to this actor."""
+        """Relay the window to this member's children in the tree and train it here, on
+        this member's window thread; the subtree's merged answer. Runs in the relay
+        concurrency group (the driver calls no other training method meanwhile)."""
         relay = self._relay
         if relay is None or relay.generation != generation:
             held = None if relay is None else relay.generation
             raise RuntimeError(f"rank {self.rank}: relay_window for grid generation "
                                f"{generation}, but this member's relay tree is of {held}")
-        return relay.run(ray.get_runtime_context().current_actor, plans, commit, timeout)
+        if self._window_thread is None:  # one thread for every relayed window: CUDA
+            # and cuBLAS keep per-thread state, so the same thread trains each time
+            self._window_thread = ThreadPoolExecutor(max_workers=1,
+                                                     thread_name_prefix="flashtrain-window")
+        return relay.run(lambda: self._window_thread.submit(self.train_window, plans, commit),
+                         plans, commit, timeout)
 
     def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's samples of ``plan``; the data stream is rebuilt from the plan's

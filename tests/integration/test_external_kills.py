@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 RECOVERY_BOUND_S = 5.0  # the bound on the worst recovery of the 2x2 CPU grid
 
@@ -43,11 +45,14 @@ def test_sigkilled_workers_recover_within_the_bound_exactly_once(tmp_path):
     assert "target median" in result.stdout
 
 
-def test_worker_code_error_stops_the_run_without_reforming(tmp_path):
+@pytest.mark.parametrize("grid,fanout", [("1x2", 16), ("2x2", 2)], ids=["direct", "relayed"])
+def test_worker_code_error_stops_the_run_without_reforming(tmp_path, grid, fanout):
     # AlexNet's pooling cannot take 32x32 digits: every worker raises in its forward pass.
+    # Relayed (2x2, fan-out 2): the error reaches the driver inside a relay's answer.
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "flashtrain.jobs.imagenet", "--config", "jobs/cpu-smoke.yaml",
-               "--set", "model.name=alexnet", "--set", "grid.shape=1x2",
+               "--set", "model.name=alexnet", "--set", f"grid.shape={grid}",
+               "--set", f"runtime.relay_fanout={fanout}",
                "--set", "runtime.ray_address=local", "--run-dir", str(run_dir),
                "--data-cache", str(tmp_path / "digits")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
