@@ -12,8 +12,10 @@ import copy
 import dataclasses
 import io
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 import ray
@@ -37,6 +39,7 @@ from flashtrain.train.models import build_model, parameter_groups
 from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay
 
 CONTROL_GROUP = "control"
+WINDOW_GRACE_S = 10.0  # beyond the collective timeout, for a relayed window to end
 _COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -69,6 +72,8 @@ class Worker:
         self._commits: dict[int, bytes] = {}
         self._relay: WindowRelay | None = None
         self._window_thread: ThreadPoolExecutor | None = None
+        self._window_future: Future | None = None
+        self._window_ident: int | None = None
 
     # -- grid membership -------------------------------------------------------------
 
@@ -93,7 +98,11 @@ class Worker:
         return os.getpid()
 
     def leave(self) -> None:
-        """Leave the current grid's groups (safe after a peer died)."""
+        """Leave the current grid's groups (safe after a peer died). Called by the
+        controller, it first lets a relayed window still running on the window thread end
+        (its collectives are aborted by then), so that nothing of it runs on after the
+        rollback or into the next grid."""
+        self._await_window()
         if self._sync is not None:
             self._sync.close()  # hooks off; a bucket still in flight is aborted
         if self.comm is not None:
@@ -227,8 +236,24 @@ class Worker:
             # and cuBLAS keep per-thread state, so the same thread trains each time
             self._window_thread = ThreadPoolExecutor(max_workers=1,
                                                      thread_name_prefix="flashtrain-window")
-        return relay.run(lambda: self._window_thread.submit(self.train_window, plans, commit),
-                         plans, commit, timeout)
+
+        def start_own():
+            self._window_future = self._window_thread.submit(self._own_window, plans, commit)
+            return self._window_future
+
+        return relay.run(start_own, plans, commit, timeout)
+
+    def _own_window(self, plans: list[StepPlan], commit: bool) -> list[StepResult]:
+        self._window_ident = threading.get_ident()
+        return self.train_window(plans, commit)
+
+    def _await_window(self) -> None:
+        """Wait (bounded) for a relayed window still running on the window thread: when
+        a relay above this member died, nobody waits for it but this."""
+        future = self._window_future
+        if future is None or future.done() or threading.get_ident() == self._window_ident:
+            return
+        wait_futures([future], timeout=self._config.collective.timeout_s + WINDOW_GRACE_S)
 
     def _next_batch(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's samples of ``plan``; the data stream is rebuilt from the plan's
