@@ -39,7 +39,6 @@ from flashtrain.train.clock import StepPlan, StepResult
 
 RELAY_GROUP = "relay"
 HOP_S = 2.0  # each level of the tree waits this much less than the one above it
-POLL_S = 0.02  # how often a relay looks at its children while its own window trains
 _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 
 
@@ -140,9 +139,9 @@ class WindowRelay:
         answer for the subtree within ``timeout`` seconds.
 
         The own window runs in this process, not through a call to this actor: on the
-        2-core test machine that call alone doubled a window's round trip. While it runs,
-        the children's answers are polled every :data:`POLL_S`, so a failure below is
-        acted on at once."""
+        2-core test machine that call alone doubled a window's round trip. A failure of
+        the own window aborts the subtree from the window thread as it happens; a failure
+        below is acted on as its answer arrives."""
         deadline = time.monotonic() + timeout
         who = {}
         for child, rank in zip(self.children, self.child_ranks, strict=True):
@@ -150,31 +149,14 @@ class WindowRelay:
                                             max(timeout - HOP_S, HOP_S))
             who[ref] = rank
         own = start_own()
-        answer, pending, own_settled, aborted = WindowAnswer(), list(who), False, False
-        while True:
-            if not own_settled and own.done():
-                self._settle_own(own, answer, plans[-1].global_step + 1)
-                own_settled = True
-            if answer.errors and not aborted:
-                self.abort(f"rank {answer.errors[0][0]} failed in a step window")
-                aborted = True
-            if own_settled and not pending:
-                return answer
-            left = deadline - time.monotonic()
-            if left <= 0:  # the deadline passed: what has not answered counts as timed out
-                late = [who[ref] for ref in pending] + ([] if own_settled else [self.rank])
-                answer.errors += [(rank, GetTimeoutError(
-                    f"train_window did not finish on rank {rank}"
-                    f"{' or below it' if rank != self.rank else ''} within {timeout:g}s"))
-                    for rank in late]
-                self.abort(f"rank {late[0]} timed out in a step window")
-                return answer
-            if not pending:
-                wait_futures([own], timeout=left)
-                continue
+        own.add_done_callback(self._abort_if_failed)
+        answer, pending, aborted = WindowAnswer(), list(who), False
+        while pending:
             ready, pending = ray.wait(pending, num_returns=1,
-                                      timeout=left if own_settled else min(left, POLL_S))
-            if ready and pending:  # sweep up whatever else is done
+                                      timeout=max(deadline - time.monotonic(), 0))
+            if not ready:
+                break
+            if pending:  # sweep up whatever else is done
                 more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
                 ready += more
             for ref in ready:
@@ -182,6 +164,26 @@ class WindowRelay:
                     answer.add(ray.get(ref, timeout=0))
                 except _FAILURES as err:  # the child died, or its relay_window raised
                     answer.errors.append((who[ref], err))
+            if answer.errors and not aborted:
+                self.abort(f"rank {answer.errors[0][0]} failed in a step window")
+                aborted = True
+        wait_futures([own], timeout=max(deadline - time.monotonic(), 0))
+        if own.done():
+            self._settle_own(own, answer, plans[-1].global_step + 1)
+        late = [who[ref] for ref in pending] + ([] if own.done() else [self.rank])
+        if late:  # the deadline passed: what has not answered counts as timed out
+            answer.errors += [(rank, GetTimeoutError(
+                f"train_window did not finish on rank {rank}"
+                f"{' or below it' if rank != self.rank else ''} within {timeout:g}s"))
+                for rank in late]
+            self.abort(f"rank {late[0]} timed out in a step window")
+        return answer
+
+    def _abort_if_failed(self, own: Future) -> None:
+        """On the window thread, as the own window ends: if it failed, abort the subtree
+        at once (the relay thread may be waiting for a child that the failure blocks)."""
+        if not own.cancelled() and own.exception() is not None:
+            self.abort(f"rank {self.rank} failed in a step window")
 
     def _settle_own(self, own: Future, answer: WindowAnswer, end: int) -> None:
         try:
