@@ -165,6 +165,7 @@ class ElasticController:
                                     stall_s=2 * config.collective.timeout_s)
         self._pending_recovery: tuple[dict, float] | None = None
         self._placement_checked = 0.0
+        self._relays_of: GridState | None = None  # the grid whose members hold a relay tree
 
     # -- forming -------------------------------------------------------------------------
 
@@ -315,7 +316,7 @@ class ElasticController:
 
     def _plant_relays(self, state: GridState, fanout: int, plan: StepPlan) -> None:
         """Give every member of ``state`` its place in the relay tree (once per grid)."""
-        if getattr(self, "_relays_of", None) is state:
+        if self._relays_of is state:
             return
         actors, size = state.actors, len(state.actors)
         refs = []

@@ -2,10 +2,10 @@
 
 Each fault fires once, just before its global step is dispatched. Worker faults act on
 the last rank of the grid: they are armed (a confirmed call) before the step is sent and
-go off inside the victim's step, whoever relays the step to it. Node faults need to own the nodes: they work when the job
-runs on an emulated multi-node cluster on this machine (``runtime.local_nodes``), where
-"remove a node" stops the Ray node that hosts the last rank and "add a node" starts a
-fresh one.
+go off inside the victim's step, whoever relays the step to it. Node faults need to own
+the nodes: they work when the job runs on an emulated multi-node cluster on this machine
+(``runtime.local_nodes``), where "remove a node" stops the Ray node that hosts the last
+rank and "add a node" starts a fresh one.
 """
 
 from __future__ import annotations
