@@ -5,14 +5,14 @@ With ``runtime.relay_fanout = B`` and more than B members, the members form a B-
 over their ranks (rank r's children are ranks ``r*B + 1 .. r*B + B``, :func:`children_of`).
 The driver calls ``relay_window`` on rank 0 only. Each member, in its relay concurrency
 group, calls ``relay_window`` on each child, trains the window itself on a thread of its
-own, waits for both, and answers with one
-:class:`WindowAnswer`: per step, its subtree's results merged into one
-(:func:`merge_results`: sums, and the slowest rank's times), and every failure with its
-rank. The driver's work per window is then one call and B merges per step, independent
+own, waits for both, and answers with one :class:`WindowAnswer`: per step, its subtree's
+results merged into one (:func:`merge_results`: sums, and the slowest rank's times), and
+every failure with its rank. The driver's work per window is then one call and B merges per step, independent
 of the grid's size; the fan-out costs each member at most B calls.
 
 Failures keep the fail-fast guarantee of the direct path: the first failure a relay sees
-(a child died, its call raised, the deadline passed) makes it abort the collectives of
+(a child died, its call raised, its own window failed, the deadline passed) makes it
+abort the collectives of
 its whole subtree at once (through the control concurrency group, beside a blocked
 step), so the subtree settles in milliseconds and the answer climbs; each relay above
 does the same for its own subtree, so the abort reaches every member. Each level waits
