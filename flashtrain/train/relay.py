@@ -12,10 +12,10 @@ of the grid's size; the fan-out costs each member at most B calls.
 
 Failures keep the fail-fast guarantee of the direct path: the first failure a relay sees
 (a child died, its call raised, its own window failed, the deadline passed) makes it
-abort the collectives of
-its whole subtree at once (through the control concurrency group, beside a blocked
-step), so the subtree settles in milliseconds and the answer climbs; each relay above
-does the same for its own subtree, so the abort reaches every member. Each level waits
+abort the collectives of its whole subtree at once (through the control concurrency
+group, beside a blocked step), so the subtree settles in milliseconds and the answer
+climbs; each relay above does the same for its own subtree, so the abort reaches every
+member. Each level waits
 :data:`HOP_S` less than its parent, so an answer always arrives before the parent's
 deadline. A member that dies takes its subtree's answers with it: its parent reports it
 as failed, the orphans' calls end with their aborted collectives, and the controller's
