@@ -138,6 +138,10 @@ class Worker:
         self.optimizer.zero_grad(set_to_none=False)
         loss_sum, correct = 0.0, 0
         data_ready = time.perf_counter()
+        # An injected death "in the all-reduce" happens before any bucket leaves: with
+        # overlap the buckets go during the backward, and a death after them would let
+        # the peers finish the step instead of blocking inside the collective.
+        self._maybe_die("allreduce", plan.global_step)
         try:
             # With collective.overlap each bucket's all-reduce starts in the backward.
             self._sync.begin(op="sum")
@@ -162,7 +166,6 @@ class Worker:
             if param.requires_grad and param.grad is None:  # an empty share still syncs zeros
                 param.grad = torch.zeros_like(param)
         computed = time.perf_counter()
-        self._maybe_die("allreduce", plan.global_step)
         try:
             with collective.SyncClock(self.device) as exposed:
                 self._sync.sync(op="sum")
