@@ -55,7 +55,7 @@ from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
 from flashtrain.train.clock import StepPlan, StepResult
 from flashtrain.train.metrics import MetricsWriter
-from flashtrain.train.relay import HOP_S, WindowRelay, children_of, subtree_of
+from flashtrain.train.relay import HOP_S, WindowRelay, children_of, subtree_of, wait_batch
 
 log = logging.getLogger(__name__)
 
@@ -341,17 +341,13 @@ class ElasticController:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1,
-                                      timeout=max(deadline - time.monotonic(), 0))
+            ready, pending = wait_batch(pending, max(deadline - time.monotonic(), 0))
             if not ready:
                 err = GetTimeoutError(f"{method} did not finish on {len(pending)} member(s) "
                                       f"within {timeout:g}s (runtime.remote_timeout_s="
                                       f"{self.timeout:g}s per step)")
                 self._abort_grid(state, f"{method} timed out")
                 raise StepFailed(plan, err, refs, step=step) from None
-            if pending:  # sweep up whatever else is done: the loop runs per batch, not per member
-                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-                ready += more
             for ref in ready:
                 try:
                     results[rank_of[ref]] = ray.get(ref, timeout=0)

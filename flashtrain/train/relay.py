@@ -42,6 +42,17 @@ HOP_S = 2.0  # each level of the tree waits this much less than the one above it
 _FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
 
 
+def wait_batch(pending: list, timeout: float) -> tuple[list, list]:
+    """``(ready, pending)``: wait up to ``timeout`` for the first of ``pending`` to finish,
+    then take whatever else has finished too (a fail-fast gather's wake-up handles a
+    batch, not one call). ``ready`` is empty when the timeout passed."""
+    ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+    if ready and pending:
+        more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+        ready += more
+    return ready, pending
+
+
 def children_of(rank: int, num_workers: int, fanout: int) -> list[int]:
     """The ranks ``rank`` relays a window to in a ``fanout``-ary tree over the grid."""
     first = rank * fanout + 1
@@ -152,13 +163,9 @@ class WindowRelay:
         own.add_done_callback(self._abort_if_failed)
         answer, pending, aborted = WindowAnswer(), list(who), False
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1,
-                                      timeout=max(deadline - time.monotonic(), 0))
+            ready, pending = wait_batch(pending, max(deadline - time.monotonic(), 0))
             if not ready:
                 break
-            if pending:  # sweep up whatever else is done
-                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
-                ready += more
             for ref in ready:
                 try:
                     answer.add(ray.get(ref, timeout=0))
