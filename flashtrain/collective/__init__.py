@@ -14,6 +14,7 @@ from flashtrain.collective.allreduce import (
 from flashtrain.collective.errors import (
     CollectiveAbortedError,
     CollectiveError,
+    CollectivePeerLostError,
     CollectiveTimeoutError,
 )
 from flashtrain.collective.fusion import GradientSynchronizer
@@ -25,6 +26,7 @@ __all__ = [
     "BACKEND_NAME",
     "CollectiveAbortedError",
     "CollectiveError",
+    "CollectivePeerLostError",
     "CollectiveTimeoutError",
     "GradientSynchronizer",
     "GridComm",

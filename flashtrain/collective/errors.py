@@ -41,6 +41,25 @@ class CollectiveTimeoutError(CollectiveError):
                 self.__dict__)
 
 
+class CollectivePeerLostError(CollectiveError):
+    """A member of the group left in the middle of an operation: its transport reported
+    the peer gone (a closed connection, NCCL's remote error) before any abort or deadline.
+    The group cannot finish; the controller treats it as it treats an abort."""
+
+    def __init__(self, group: str, rank: int, op: str, detail: str = ""):
+        self.group = group
+        self.rank = rank
+        self.op = op
+        self.detail = detail
+        message = f"collective {op!r} in group {group!r} (rank {rank}) lost a peer"
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.group, self.rank, self.op, self.detail), self.__dict__)
+
+
 class CollectiveAbortedError(CollectiveError):
     """A collective was aborted from outside: the controller learnt that a member of the
     grid died and told every survivor to give up its pending and future collectives of

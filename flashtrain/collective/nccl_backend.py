@@ -29,8 +29,24 @@ of a bound: an enqueue-only call could not notice a dead peer.
 torch's watchdog runs beside this: with its default error handling it would *end the
 process* on a failed or timed-out operation, turning one dead peer into dead survivors.
 :func:`register` therefore sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` (abort the
-communicator, keep the process) unless the user set it, and each operation's own torch
-timeout is set past this module's deadline so the watchdog never decides first.
+communicator, keep the process) and turns torch's heartbeat monitor off
+(``TORCH_NCCL_ENABLE_MONITORING=0``, ``TORCH_NCCL_DUMP_ON_TIMEOUT=0``), unless the user
+set them; it must run before the first ``ProcessGroupNCCL`` of the process is built, as
+torch reads them in the constructor. The monitor aborts the whole process when the
+watchdog's heartbeat stalls (torch/include/torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp,
+``TORCH_NCCL_ENABLE_MONITORING``: "Enable monitoring thread which aborts the process"),
+which a blocked ``ncclCommAbort`` of a group with a dead peer can cause minutes later,
+whatever the error handling says; this module bounds every wait itself.
+
+torch's watchdog timeout is the *group's* (``ProcessGroupNCCL::Options::timeout``, given
+to each work item by ``assignTimeoutToWork(work, options_)`` in the same header): the
+``timeout`` field of per-call options is ignored by ``ProcessGroupNCCL``. So the group is
+built with :func:`watchdog_timeout_s` (this module's longest deadline plus
+:data:`WATCHDOG_MARGIN_S`), and that is also what is handed to each call.
+
+A failed operation is reported by what failed (:func:`failure_kind`): an abort from the
+controller, a peer that left (NCCL's ``ncclRemoteError``, "remote process exited or there
+was a network error", often seen before the controller's abort arrives), or a timeout.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ from torch._C import _distributed_c10d as c10d
 from flashtrain.collective.errors import (
     CollectiveAbortedError,
     CollectiveError,
+    CollectivePeerLostError,
     CollectiveTimeoutError,
 )
 from flashtrain.collective.group_base import (
@@ -67,14 +84,50 @@ POLL_MAX_S = 1e-3
 WATCHDOG_MARGIN_S = 30.0
 # An abort of a communicator runs on a thread of its own; the caller waits this long.
 ABORT_JOIN_S = 5.0
-ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
-CLEAN_UP_ONLY = "2"
+# torch's NCCL settings this backend needs (module docstring); a value the user set wins.
+TORCH_NCCL_ENV = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",  # CleanUpOnly: abort the communicator, not the process
+    "TORCH_NCCL_ENABLE_MONITORING": "0",  # no heartbeat monitor that kills the process
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",  # no flight-recorder dump (it needs the monitor)
+}
+# How a transport's error text says that a peer is gone. NCCL: ncclRemoteError's text (in
+# nvidia/nccl/lib/libnccl.so.2) and ncclSystemError's; gloo (the CPU tests run this
+# backend's logic over gloo): the socket errors of its TCP pairs (in torch/lib/libtorch_cpu.so).
+PEER_LOST_SIGNS = ("remote process exited", "network error", "unhandled system error",
+                   "connection closed by peer", "connection reset by peer", "broken pipe",
+                   "read error", "write error")
+# How they say an operation ran out of time (torch's watchdog: "Watchdog caught collective
+# operation timeout: ... ran for N milliseconds before timing out."; gloo: "Timed out waiting").
+TIMEOUT_SIGNS = ("timing out", "timed out", "timeout")
 
 
 def register() -> str:
-    """Register the backend with ``ray.util.collective`` in this process (idempotent)."""
-    os.environ.setdefault(ERROR_HANDLING_ENV, CLEAN_UP_ONLY)
+    """Register the backend with ``ray.util.collective`` in this process (idempotent).
+
+    Call it before any ``ProcessGroupNCCL`` exists in the process (workers call it as they
+    start): torch reads :data:`TORCH_NCCL_ENV` when a process group is constructed."""
+    for name, value in TORCH_NCCL_ENV.items():
+        os.environ.setdefault(name, value)
     return register_backend(BACKEND_NAME, FlashNcclGroup)
+
+
+def watchdog_timeout_s(op_timeout_s: float, rendezvous_timeout_s: float) -> float:
+    """torch's timeout for every work item of a group: past the longest wait this module
+    bounds itself (an operation's deadline, the forming), so its own deadline decides."""
+    return max(op_timeout_s, rendezvous_timeout_s) + WATCHDOG_MARGIN_S
+
+
+def failure_kind(error_text: str, aborted: bool) -> str:
+    """Why an operation failed, from its error's text: ``"aborted"`` (the controller
+    aborted the group first), ``"peer_lost"``, ``"timeout"`` or ``"failed"``."""
+    if aborted:
+        return "aborted"
+    text = error_text.lower()
+    if any(sign in text for sign in PEER_LOST_SIGNS):
+        return "peer_lost"
+    if any(sign in text for sign in TIMEOUT_SIGNS):
+        return "timeout"
+    return "failed"
 
 
 def flat_view(chunks: list[torch.Tensor]) -> torch.Tensor | None:
@@ -113,6 +166,7 @@ class FlashNcclGroup(IndependentGroup):
         self.device = self._bound_device()
         self._comm_lock = threading.Lock()  # one abort of the communicator, not two
         self._comm_aborted = False
+        self._watchdog_timeout = None  # set with the process group
         super().__init__(world_size, rank, group_name)
 
     # ---------------------------------------------------------- transport hooks
@@ -129,7 +183,9 @@ class FlashNcclGroup(IndependentGroup):
 
     def _new_process_group(self, store, timeout):
         options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
+        # The only timeout torch's watchdog honours (module docstring).
+        self._watchdog_timeout = td(watchdog_timeout_s(self.timeout_s, timeout.total_seconds()))
+        options._timeout = self._watchdog_timeout
         pg = dist.ProcessGroupNCCL(store, self.rank, self.world_size, options)
         if self.world_size > 1:
             self._connect_now(pg, timeout.total_seconds())
@@ -167,7 +223,9 @@ class FlashNcclGroup(IndependentGroup):
                                          first_line(failure[0])) from failure[0]
 
     def _work_timeout(self, remaining_s: float):
-        return td(remaining_s + WATCHDOG_MARGIN_S)
+        # ProcessGroupNCCL ignores a per-call timeout (module docstring): hand it the
+        # group's, which is what its watchdog applies, so the value passed is the truth.
+        return self._watchdog_timeout or td(remaining_s)
 
     def _wait_work(self, op: str, remaining_s: float, work) -> None:
         """Poll ``work`` until it completes, the deadline passes or an abort comes."""
@@ -194,6 +252,24 @@ class FlashNcclGroup(IndependentGroup):
             work.wait()  # raises the operation's error; orders the current stream after it
         except Exception as exc:  # noqa: BLE001 - mapped to the typed errors
             self._raise_failed(op, exc)
+
+    def _raise_failed(self, op: str, error: BaseException) -> None:
+        """Raise the typed error for a failed ``work.wait()`` (:func:`failure_kind`). A
+        peer that left fails this group for good, as a timeout does."""
+        kind = failure_kind(str(error), self._abort_reason is not None)
+        if kind == "aborted":
+            raise CollectiveAbortedError(self.group_name, self.rank, op,
+                                         self._abort_reason) from error
+        if kind in ("peer_lost", "timeout"):
+            self._give_up(f"{op} failed: {first_line(error)}")
+        if kind == "peer_lost":
+            raise CollectivePeerLostError(self.group_name, self.rank, op,
+                                          first_line(error)) from error
+        if kind == "timeout":
+            raise CollectiveTimeoutError(self.group_name, self.rank, op, self.timeout_s,
+                                         first_line(error)) from error
+        raise CollectiveError(f"collective {op!r} in group {self.group_name!r} (rank "
+                              f"{self.rank}) failed: {first_line(error)}") from error
 
     def _completed(self, op: str, work) -> bool:
         """Whether ``work`` has finished (a CUDA event query: never blocks)."""

@@ -7,8 +7,9 @@ tests ran". Tests that need Ray's cupy-based backend skip on their own without c
 With one GPU, tests that need several NCCL ranks put them on the same GPU, each actor
 with its own ``NCCL_HOSTID`` and NCCL's peer-to-peer and shared-memory transports off, so
 NCCL takes them for ranks on different hosts talking over sockets (NCCL refuses two
-ranks of one communicator on one device of one host). :func:`members.same_gpu_env` is that environment;
-the ``several_ranks`` fixture of each module says whether NCCL accepted it here; when it did not, those tests skip with its error.
+ranks of one communicator on one device of one host). :func:`members.same_gpu_env` is that
+environment. A test of this tier skips for two reasons only: no CUDA device, or Ray
+cannot place its ranks (:func:`members.placed`); any other error fails it.
 """
 
 from __future__ import annotations

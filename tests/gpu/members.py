@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import ray
 import torch
 
@@ -23,6 +24,17 @@ def gpu_share(num_ranks: int) -> float:
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def placed(actors: list, timeout_s: float = 120.0) -> None:
+    """Wait until Ray has started every actor of ``actors``. The one reason besides "no
+    GPU" for a test of this tier to skip is that Ray cannot place its ranks here; anything
+    else (an actor that fails to start, an NCCL error) is a failure and must show as one."""
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in actors], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        pytest.skip(f"cannot place {len(actors)} ranks: Ray did not start them within "
+                    f"{timeout_s:g} s on this machine's {torch.cuda.device_count()} GPU(s)")
 
 
 @ray.remote(num_cpus=0, concurrency_groups={"control": 1})
@@ -51,33 +63,19 @@ class GpuMember:
         col.destroy_collective_group(name)
         return time.monotonic() - began
 
-    def one_rank_ops(self, name: str, dtype: str) -> dict:
-        """Every op of a one-rank group: the result is the input (sums of one)."""
+    def every_op(self, name: str, dtype: str) -> dict:
+        """Every op of the group (flashtrain.collective.selfcheck): the mismatches with
+        the closed-form results (empty when all are right) and the group's device."""
         import ray.util.collective as col
         from ray.util.collective.collective import get_group_handle
 
+        from flashtrain.collective import selfcheck
+
         kind = DTYPES[dtype]
-        x = torch.arange(12, device="cuda").to(kind)
-        out = {}
-        t = x.clone()
-        col.allreduce(t, group_name=name)
-        out["allreduce"] = t
-        t = x.clone()
-        col.reduce(t, 0, group_name=name)
-        out["reduce"] = t
-        t = x.clone()
-        col.broadcast(t, 0, group_name=name)
-        out["broadcast"] = t
-        gathered = torch.zeros_like(x)
-        col.allgather([gathered], x.clone(), group_name=name)
-        out["allgather"] = gathered
-        scattered = torch.zeros_like(x)
-        col.reducescatter(scattered, [x.clone()], group_name=name)
-        out["reducescatter"] = scattered
-        col.barrier(group_name=name)
-        handle = get_group_handle(name)
-        return {"results": {k: v.cpu() for k, v in out.items()},
-                "device": str(handle.device), "dtypes": {k: str(v.dtype) for k, v in out.items()}}
+        results = selfcheck.run_every_op(name, torch.device("cuda"), kind)
+        wrong = selfcheck.mismatches(results, col.get_collective_group_size(name),
+                                     col.get_rank(name), kind)
+        return {"mismatches": wrong, "device": str(get_group_handle(name).device)}
 
     def cpu_tensor_error(self, name: str) -> str:
         import ray.util.collective as col

@@ -1,5 +1,6 @@
-"""flashtrain's NCCL backend on a real GPU: every op of a one-rank group in fp32, fp16 and
-bf16, a buffer on the wrong device refused with the fix, and (several ranks) the torus,
+"""flashtrain's NCCL backend on a real GPU: every op of a group of one and of two ranks in
+fp32, fp16 and bf16, a buffer on the wrong device refused with the fix, and (several
+ranks, sharing the GPU where there is one; members.placed) the torus,
 flat and hierarchical all-reduce with a padded bucket and 16-bit wires, a dead peer
 failing the survivors and the grid re-forming."""
 
@@ -9,7 +10,7 @@ import time
 
 import pytest
 import torch
-from members import GpuMember, gpu_share, same_gpu_env
+from members import GpuMember, gpu_share, placed, same_gpu_env
 
 from flashtrain.topology import Grid
 
@@ -22,46 +23,37 @@ def solo(ray_gpu):
 
 
 def ranks(ray, count: int) -> list:
-    return [GpuMember.options(num_gpus=gpu_share(count),
-                              runtime_env={"env_vars": same_gpu_env(rank)}).remote()
-            for rank in range(count)]
-
-
-@pytest.fixture(scope="module")
-def several_ranks(ray_gpu):
-    """``None`` when NCCL accepts two ranks here (sharing a GPU if there is only one),
-    else why not: the tests that need several ranks skip with it."""
-    members = ranks(ray_gpu, 2)
+    """``count`` NCCL ranks, sharing this machine's GPU(s); skips only when Ray cannot
+    place them (members.placed), so an NCCL error in a test is a failure."""
+    members = [GpuMember.options(num_gpus=gpu_share(count),
+                                 runtime_env={"env_vars": same_gpu_env(rank)}).remote()
+               for rank in range(count)]
     try:
-        ray_gpu.get([m.join_group.remote("probe", 2, r, 30.0) for r, m in enumerate(members)],
-                    timeout=180)
-        ray_gpu.get([m.one_rank_ops.remote("probe", "fp32") for m in members], timeout=120)
-        return None
-    except Exception as exc:  # noqa: BLE001 - any refusal is the answer
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-    finally:
+        placed(members)
+    except BaseException:
         for member in members:
-            ray_gpu.kill(member)
-
-
-def need_several(several_ranks) -> None:
-    if several_ranks is not None:
-        pytest.skip("NCCL did not accept several ranks on this machine's GPU(s) with a "
-                    f"distinct NCCL_HOSTID per rank and P2P/SHM off: {several_ranks}")
+            ray.kill(member)
+        raise
+    return members
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_every_op_of_a_one_rank_group(ray_gpu, solo, dtype):
-    name = f"solo-{dtype}"
-    ray_gpu.get(solo.join_group.remote(name, 1, 0), timeout=120)
-    report = ray_gpu.get(solo.one_rank_ops.remote(name, dtype), timeout=120)
-    expected = torch.arange(12).to({"fp32": torch.float32, "fp16": torch.float16,
-                                    "bf16": torch.bfloat16}[dtype])
-    assert report["device"].startswith("cuda")
-    for op, result in report["results"].items():
-        assert torch.equal(result, expected), op
-        assert result.dtype == expected.dtype, op
-    assert ray_gpu.get(solo.leave_group.remote(name), timeout=60) < 10
+@pytest.mark.parametrize("num_ranks", [1, 2])
+def test_every_op_of_a_group(ray_gpu, dtype, num_ranks):
+    name = f"every-op-{num_ranks}-{dtype}"
+    members = ranks(ray_gpu, num_ranks)
+    try:
+        ray_gpu.get([m.join_group.remote(name, num_ranks, r) for r, m in enumerate(members)],
+                    timeout=180)
+        reports = ray_gpu.get([m.every_op.remote(name, dtype) for m in members], timeout=120)
+        left = ray_gpu.get([m.leave_group.remote(name) for m in members], timeout=60)
+    finally:
+        for member in members:
+            ray_gpu.kill(member)
+    for report in reports:
+        assert report["device"].startswith("cuda")
+        assert report["mismatches"] == [], report["mismatches"]
+    assert max(left) < 10
 
 
 def test_a_cpu_buffer_is_refused_with_the_fix(ray_gpu, solo):
@@ -77,10 +69,9 @@ def test_ray_nccl_stays_selectable(ray_gpu, solo):
 
 @pytest.mark.parametrize("comm_dtype", [None, "fp16", "bf16"])
 @pytest.mark.parametrize("algorithm", ["torus", "flat", "hierarchical"])
-def test_grid_allreduce_with_a_padded_bucket(ray_gpu, several_ranks, algorithm, comm_dtype):
+def test_grid_allreduce_with_a_padded_bucket(ray_gpu, algorithm, comm_dtype):
     """1001 values on a 2x2 grid: the torus pads to a multiple of the row; a 16-bit wire
     needs a working buffer; both must live on the GPU (the crash of issue 9)."""
-    need_several(several_ranks)
     members = ranks(ray_gpu, 4)
     try:
         ray_gpu.get([m.join_grid.remote(Grid(2, 2), r, 0) for r, m in enumerate(members)],
@@ -95,8 +86,7 @@ def test_grid_allreduce_with_a_padded_bucket(ray_gpu, several_ranks, algorithm, 
         assert torch.equal(report["result"], torch.full((1001,), 10.0))  # 1+2+3+4
 
 
-def test_a_dead_peer_fails_the_survivor_and_the_grid_reforms(ray_gpu, several_ranks):
-    need_several(several_ranks)
+def test_a_dead_peer_fails_the_survivor_and_the_grid_reforms(ray_gpu):
     members = ranks(ray_gpu, 3)
     survivor, doomed, newcomer = members
     try:
@@ -110,7 +100,10 @@ def test_a_dead_peer_fails_the_survivor_and_the_grid_reforms(ray_gpu, several_ra
         assert ray_gpu.get(survivor.abort.remote(0, "rank 1 died"), timeout=30) == 3
         report = ray_gpu.get(pending, timeout=60)
         assert time.monotonic() - aborted_at < 10
-        assert report["error"] == "CollectiveAbortedError" and "rank 1 died" in report["message"]
+        # Over sockets the survivor may see the peer's socket close before the abort
+        # lands: either is right, a timeout is not (the error type races; see
+        # nccl_backend.failure_kind).
+        assert report["error"] in ("CollectiveAbortedError", "CollectivePeerLostError"), report
         assert ray_gpu.get(survivor.leave_grid.remote(), timeout=60) < 10
         ray_gpu.get([m.join_grid.remote(Grid(1, 2), r, 1)
                      for r, m in enumerate((survivor, newcomer))], timeout=240)
@@ -124,8 +117,7 @@ def test_a_dead_peer_fails_the_survivor_and_the_grid_reforms(ray_gpu, several_ra
             ray_gpu.kill(member)
 
 
-def test_a_missing_peer_times_out_within_the_deadline(ray_gpu, several_ranks):
-    need_several(several_ranks)
+def test_a_missing_peer_times_out_within_the_deadline(ray_gpu):
     members = ranks(ray_gpu, 2)
     try:
         ray_gpu.get([m.join_grid.remote(Grid(1, 2), r, 0, 3.0) for r, m in enumerate(members)],

@@ -95,15 +95,25 @@ class Member:
     def allreduce(self, name: str) -> dict:
         import ray.util.collective as col
 
-        from flashtrain.collective import CollectiveAbortedError, CollectiveTimeoutError
+        from flashtrain.collective import CollectiveError
 
         started = time.monotonic()
         try:
             col.allreduce(torch.ones(5), group_name=name)
-        except (CollectiveAbortedError, CollectiveTimeoutError) as exc:
+        except CollectiveError as exc:
             return {"error": type(exc).__name__, "message": str(exc),
                     "elapsed": time.monotonic() - started}
         return {"error": None, "elapsed": time.monotonic() - started}
+
+    def every_op(self, name: str) -> list[str]:
+        """The GPU tier's check of every op (flashtrain.collective.selfcheck), on CPU."""
+        import ray.util.collective as col
+
+        from flashtrain.collective import selfcheck
+
+        results = selfcheck.run_every_op(name, torch.device("cpu"), torch.float32)
+        return selfcheck.mismatches(results, col.get_collective_group_size(name),
+                                    col.get_rank(name), torch.float32)
 
     @ray.method(concurrency_group="control")
     def abort(self, name: str, reason: str) -> bool:
@@ -177,3 +187,30 @@ def test_abort_ends_a_blocked_call_at_once(pair):
     assert time.monotonic() - aborted_at < 5.0
     assert report["error"] == "CollectiveAbortedError" and "peer 1 died" in report["message"]
     assert ray.get(pair[0].leave.remote(name), timeout=30) < 10
+
+
+def test_every_op_of_the_gpu_tiers_check_on_two_ranks(pair):
+    """The GPU tier's several-rank probe passed one tensor to allgather where
+    ray.util.collective needs one per rank, so it always failed and every multi-rank GPU
+    test skipped: the same check runs here with two ranks and must find every sum."""
+    name = "nccl-logic-every-op"
+    ray.get([m.join.remote(name, 2, rank, 30.0) for rank, m in enumerate(pair)], timeout=120)
+    assert ray.get([m.every_op.remote(name) for m in pair], timeout=60) == [[], []]
+    ray.get([m.leave.remote(name) for m in pair], timeout=30)
+
+
+def test_a_killed_peer_is_reported_as_lost_not_as_a_timeout(pair):
+    """A peer that dies mid-operation breaks the connection before any abort or deadline:
+    the survivor says a peer was lost (not that time ran out), at once, and the group
+    stays failed."""
+    name = "nccl-logic-peer-lost"
+    ray.get([m.join.remote(name, 2, rank, 120.0) for rank, m in enumerate(pair)], timeout=120)
+    pending = pair[0].allreduce.remote(name)  # rank 1 never calls: it dies
+    ready, _ = ray.wait([pending], timeout=1.0)
+    assert not ready
+    ray.kill(pair[1])
+    report = ray.get(pending, timeout=60)
+    assert report["error"] == "CollectivePeerLostError", report
+    assert report["elapsed"] < 60 and "lost a peer" in report["message"]
+    again = ray.get(pair[0].allreduce.remote(name), timeout=30)
+    assert again["error"] == "CollectiveAbortedError" and again["elapsed"] < 1.0
