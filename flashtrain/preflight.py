@@ -16,6 +16,8 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from flashtrain.config import DataConfig, FlashtrainConfig
@@ -127,6 +129,8 @@ def check_before_start(config: FlashtrainConfig) -> None:
     check_data(config.data)
     if config.grid.use_gpu:
         check_gpu_install(config.collective.gpu_backend)
+        check_gpu_stack(probe_gpu_stack(), ranks_per_gpu=1,
+                        shm_need_bytes=loader_shm_bytes_for(config))
 
 
 # --------------------------------------------------------------------------- cluster size
@@ -192,6 +196,11 @@ def gpu_collectives_problem(gpu_backend: str) -> str | None:
 
     build = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
     if not torch.cuda.is_available():
+        # The usual cause on a GPU node: a driver older than torch's CUDA needs.
+        stack = probe_gpu_stack()
+        too_old = driver_problem(stack.driver_version, torch.version.cuda, torch.__version__)
+        if too_old is not None:
+            return f"grid.use_gpu=true, but this worker sees no CUDA device: {too_old}"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         return (f"grid.use_gpu=true, but this worker sees no CUDA device ({build}, "
                 f"CUDA_VISIBLE_DEVICES={visible!r}): install an NVIDIA driver that supports "
@@ -258,3 +267,138 @@ def check_gpu_collectives(gpu_backend: str) -> None:
     problem = gpu_collectives_problem(gpu_backend)
     if problem is not None:
         raise PreflightError(problem)
+
+
+# --------------------------------------------------------------------------- GPU stack
+#
+# What a GPU node must have before torch and NCCL are asked anything: a driver new enough
+# for torch's CUDA, GPUs that accept the processes placed on them, and room in /dev/shm
+# for the loader. Probed once (probe_gpu_stack) and judged by pure functions, so the
+# judgement is tested on CPU with recorded values.
+
+# The oldest driver branch each CUDA major version runs on (NVIDIA's CUDA compatibility
+# notes, minor-version compatibility): torch 2.14.1 from PyPI is built for CUDA 13.
+MIN_DRIVER_BRANCH = {13: 580, 12: 525, 11: 450}
+# Compute modes that refuse processes: "Prohibited" refuses all, "Exclusive_Process" all
+# but one per GPU (the GPU tier puts two ranks on one GPU).
+BLOCKING_COMPUTE_MODES = {"Prohibited": 0, "Exclusive_Process": 1}
+NVIDIA_SMI_TIMEOUT_S = 20.0
+PREFETCH_FACTOR = 2  # torch DataLoader's default: batches in flight per loader process
+
+
+@dataclass(frozen=True)
+class GpuStack:
+    """What :func:`probe_gpu_stack` found on this node (``None``: could not tell)."""
+
+    driver_version: str | None  # e.g. "580.65.06"; None where nvidia-smi is absent
+    gpu_names: tuple[str, ...] = ()
+    compute_modes: tuple[str, ...] = ()  # one per GPU, as nvidia-smi names them
+    shm_free_bytes: int | None = None  # free space of /dev/shm
+
+
+def parse_nvidia_smi(csv_text: str) -> tuple[str | None, tuple[str, ...], tuple[str, ...]]:
+    """Driver version, GPU names and compute modes from ``nvidia-smi
+    --query-gpu=driver_version,name,compute_mode --format=csv,noheader``."""
+    rows = [[cell.strip() for cell in line.split(",")]
+            for line in csv_text.strip().splitlines() if line.strip()]
+    rows = [row for row in rows if len(row) == 3]
+    if not rows:
+        return None, (), ()
+    return rows[0][0], tuple(r[1] for r in rows), tuple(r[2] for r in rows)
+
+
+def probe_gpu_stack(shm_path: str = "/dev/shm") -> GpuStack:
+    """Ask ``nvidia-smi`` (bounded) and ``statvfs(/dev/shm)``; never raises."""
+    driver, names, modes = None, (), ()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name,compute_mode",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=NVIDIA_SMI_TIMEOUT_S, check=False)
+        if out.returncode == 0:
+            driver, names, modes = parse_nvidia_smi(out.stdout)
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no driver installed, or a hung one: the checks say what they can
+    try:
+        stat = os.statvfs(shm_path)
+        shm = stat.f_bavail * stat.f_frsize
+    except OSError:
+        shm = None
+    return GpuStack(driver, names, modes, shm)
+
+
+def driver_problem(driver_version: str | None, torch_cuda: str | None,
+                   torch_version: str) -> str | None:
+    """Why the driver cannot run torch's CUDA build, with the fix; ``None`` when it can
+    or when either version is unknown."""
+    if not driver_version or not torch_cuda:
+        return None
+    cuda_major = int(torch_cuda.split(".")[0])
+    needed = MIN_DRIVER_BRANCH.get(cuda_major)
+    branch = int(driver_version.split(".")[0])
+    if needed is None or branch >= needed:
+        return None
+    return (f"NVIDIA driver {driver_version} is older than R{needed}, which torch "
+            f"{torch_version} (built for CUDA {torch_cuda}) needs: upgrade the driver to "
+            f"R{needed} or newer, or install a torch build for an older CUDA that driver "
+            f"R{branch} supports (see the README's GPU section)")
+
+
+def compute_mode_problem(compute_modes: tuple[str, ...], ranks_per_gpu: int) -> str | None:
+    """Why a GPU's compute mode refuses ``ranks_per_gpu`` processes, with the fix."""
+    for index, mode in enumerate(compute_modes):
+        allowed = BLOCKING_COMPUTE_MODES.get(mode)
+        if allowed is not None and ranks_per_gpu > allowed:
+            return (f"GPU {index} is in compute mode {mode}, which admits {allowed} "
+                    f"process(es), and {ranks_per_gpu} must use it: set it to Default "
+                    f"(sudo nvidia-smi -i {index} -c DEFAULT)")
+    return None
+
+
+def loader_shm_bytes(batch_per_worker: int, bytes_per_sample: int, loader_workers: int,
+                     workers_per_node: int) -> int:
+    """Shared memory the training loaders of one node hold at most: each of a worker's
+    ``loader_workers`` processes hands finished batches to it through /dev/shm, up to
+    :data:`PREFETCH_FACTOR` each."""
+    if loader_workers == 0:
+        return 0
+    in_flight = loader_workers * PREFETCH_FACTOR
+    return batch_per_worker * bytes_per_sample * in_flight * workers_per_node
+
+
+def loader_shm_bytes_for(config: FlashtrainConfig, workers_per_node: int = 1) -> int:
+    """:func:`loader_shm_bytes` for ``config``'s largest per-worker batch (float32 images
+    of ``data.image_size``, as the CPU decode hands them over)."""
+    largest = max(phase.global_batch for phase in config.schedule.phases)
+    per_worker = math.ceil(largest / initial_num_workers(config))
+    sample = 3 * config.data.image_size ** 2 * 4
+    return loader_shm_bytes(per_worker, sample, config.data.loader_workers, workers_per_node)
+
+
+def shm_problem(free_bytes: int | None, need_bytes: int) -> str | None:
+    """Why /dev/shm cannot hold the loaders' batches (they die with "bus error"), with
+    the fix; ``None`` when it can or its size is unknown."""
+    if free_bytes is None or need_bytes <= free_bytes:
+        return None
+    return (f"/dev/shm has {free_bytes / 2**20:.0f} MiB free, and the data loaders need "
+            f"about {need_bytes / 2**20:.0f} MiB for their batches in flight: give the "
+            "container more (docker run --shm-size=16g, or --ipc=host), or lower "
+            "data.loader_workers or the batch")
+
+
+def gpu_stack_problems(stack: GpuStack, torch_cuda: str | None, torch_version: str,
+                       ranks_per_gpu: int, shm_need_bytes: int) -> list[str]:
+    """Every problem of ``stack`` (empty: none found)."""
+    found = [driver_problem(stack.driver_version, torch_cuda, torch_version),
+             compute_mode_problem(stack.compute_modes, ranks_per_gpu),
+             shm_problem(stack.shm_free_bytes, shm_need_bytes)]
+    return [problem for problem in found if problem is not None]
+
+
+def check_gpu_stack(stack: GpuStack, ranks_per_gpu: int, shm_need_bytes: int) -> None:
+    """Raise :class:`PreflightError` with one message naming each problem and its fix."""
+    import torch
+
+    problems = gpu_stack_problems(stack, torch.version.cuda, torch.__version__,
+                                  ranks_per_gpu, shm_need_bytes)
+    if problems:
+        raise PreflightError("the GPU stack cannot run this job: " + "; ".join(problems))
