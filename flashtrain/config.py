@@ -161,6 +161,10 @@ class DataConfig(_Section):
                              "(imagefolder), or the cache folder for digits.")
     image_size: int = Field(32, ge=8, description="Training crop size in pixels.")
     loader_workers: int = Field(0, ge=0, description="DataLoader decode processes per worker.")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="Where training JPEGs are decoded and augmented: 'cpu' in the "
+        "loader processes (PIL), 'gpu' on the worker's GPU (nvJPEG through torchvision, "
+        "batched; crop and flip there). 'gpu' needs data.source=imagefolder and grid.use_gpu.")
     verify_images: bool = Field(True, description="Open every image once at start (headers "
                                 "only) and skip unreadable ones, counted in skipped_files. "
                                 "Every worker scans its dataset: turn off for trees of millions "
@@ -273,6 +277,15 @@ class FlashtrainConfig(_Section):
     elastic: ElasticConfig = ElasticConfig()
     faults: FaultsConfig = FaultsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _gpu_decode_needs_jpegs_and_a_gpu(self) -> FlashtrainConfig:
+        if self.data.decode == "gpu" and (self.data.source != "imagefolder"
+                                          or not self.grid.use_gpu):
+            raise ValueError(f"data.decode=gpu decodes JPEG files on the workers' GPUs: it needs "
+                             f"data.source=imagefolder (got {self.data.source!r}) and "
+                             f"grid.use_gpu=true (got {self.grid.use_gpu}); set data.decode=cpu")
+        return self
 
     @model_validator(mode="after")
     def _batches_fit_grid(self) -> FlashtrainConfig:

@@ -241,9 +241,15 @@ def _image_folder(folder: Path, transform: transforms.Compose,
                                 "readable image)") from err
 
 
-def _imagefolder_pair(root: Path, source: str, image_size: int, verify: bool = True) -> DatasetPair:
+def _imagefolder_pair(root: Path, source: str, image_size: int, verify: bool = True,
+                      decode: str = "cpu") -> DatasetPair:
     check = _ReadableImageFilter(verify)
-    train = _image_folder(root / "train", train_transform(source, image_size), check)
+    if decode == "gpu":  # the loader only reads bytes; the worker's GPU decodes them
+        from flashtrain.train.gpu_decode import EncodedImages
+
+        train = EncodedImages(root / "train", is_valid_file=check)
+    else:
+        train = _image_folder(root / "train", train_transform(source, image_size), check)
     val = _image_folder(root / "val", val_transform(source, image_size), check)
     if train.class_to_idx != val.class_to_idx:
         only_train = sorted(set(train.classes) - set(val.classes))
@@ -299,7 +305,8 @@ def build_datasets(data_cfg: DataConfig, cache_dir: Path | str | None = None) ->
         root = ensure_digits_imagefolder(data_cfg.root or cache_dir)
     else:
         root = Path(data_cfg.root).expanduser()  # config guarantees root for imagefolder
-    return _imagefolder_pair(root, data_cfg.source, data_cfg.image_size, data_cfg.verify_images)
+    return _imagefolder_pair(root, data_cfg.source, data_cfg.image_size, data_cfg.verify_images,
+                             data_cfg.decode)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -388,13 +395,13 @@ class StepBatchSampler(Sampler[list[int]]):
 
 
 def make_step_loader(dataset: Dataset, sampler: StepBatchSampler, loader_workers: int) -> DataLoader:
-    """A loader yielding this rank's :class:`LoadedBatch` (``images, labels, skipped``)
+    """A one-off loader (training workers keep one for their life instead:
+    :class:`flashtrain.train.loader.StepStream`) yielding this rank's :class:`LoadedBatch` (``images, labels, skipped``)
     for each non-empty step of ``sampler``; with ``loader_workers > 0`` the decoding runs
     in that many processes. Samples whose image cannot be decoded are left out of
     ``images``/``labels`` and named in ``skipped``."""
     return DataLoader(SkipUndecodable(dataset), batch_sampler=sampler,
-                      num_workers=loader_workers, collate_fn=collate_skipping,
-                      persistent_workers=False, pin_memory=False)
+                      num_workers=loader_workers, collate_fn=collate_skipping)
 
 
 def iterate_steps(sampler: StepBatchSampler,

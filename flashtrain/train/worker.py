@@ -27,14 +27,9 @@ from flashtrain.config import FlashtrainConfig
 from flashtrain.topology import Grid
 from flashtrain.train.amp import LossScaler
 from flashtrain.train.clock import StepPlan, StepResult
-from flashtrain.train.data import (
-    StepBatchSampler,
-    build_datasets,
-    iterate_steps,
-    make_step_loader,
-    make_val_loader,
-)
+from flashtrain.train.data import StepBatchSampler, build_datasets, make_val_loader
 from flashtrain.train.decode import SkippedSample
+from flashtrain.train.loader import make_train_stream
 from flashtrain.train.models import build_model, parameter_groups
 from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay
 
@@ -69,6 +64,7 @@ class Worker:
         self.rank = -1
         self._sync: collective.GradientSynchronizer | None = None
         self._batches = None  # (key, iterator, expected step starts)
+        self._train_stream = None  # one loader for the worker's life (train/loader.py)
         self._commits: dict[int, bytes] = {}
         self._relay: WindowRelay | None = None
         self._window_thread: ThreadPoolExecutor | None = None
@@ -276,8 +272,10 @@ class Worker:
                 num_samples=plan.num_samples, epoch=plan.epoch, start_cursor=plan.cursor,
                 global_batch=plan.global_batch, num_workers=self.grid.num_workers,
                 rank=self.rank, seed=plan.seed, min_tail=plan.min_tail)
-            loader = make_step_loader(self.train_set, sampler, self._config.data.loader_workers)
-            self._batches = [key, iterate_steps(sampler, loader), plan.cursor]
+            if self._train_stream is None:
+                self._train_stream = make_train_stream(self.train_set, self._config.data,
+                                                       self.device)
+            self._batches = [key, self._train_stream.start(sampler), plan.cursor]
         step, batch = next(self._batches[1])
         if (step.cursor, step.batch) != (plan.cursor, plan.batch):
             raise RuntimeError(f"rank {self.rank}: data stream at step {(step.cursor, step.batch)}"
