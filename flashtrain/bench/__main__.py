@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("allreduce", "costmodel", "throughput", "elastic", "chaos", "rehearsal", "recipe", "control")
+BENCHMARKS = ("allreduce", "costmodel", "throughput", "elastic", "chaos", "rehearsal", "recipe",
+              "control", "data")
 USAGE = f"usage: python -m flashtrain.bench <{'|'.join(BENCHMARKS)}> [options]  (--help per benchmark)"
 
 

@@ -241,15 +241,22 @@ def _image_folder(folder: Path, transform: transforms.Compose,
                                 "readable image)") from err
 
 
+def train_split(folder: Path, source: str, image_size: int, decode: str = "cpu",
+                check: _ReadableImageFilter | None = None) -> Dataset:
+    """The training split at ``folder`` (``root/train``) as the workers read it: decoded
+    and augmented in the loader (``decode="cpu"``), or as bytes for the GPU to decode."""
+    check = check or _ReadableImageFilter(verify=False)
+    if decode == "gpu":
+        from flashtrain.train.gpu_decode import EncodedImages
+
+        return EncodedImages(folder, is_valid_file=check)
+    return _image_folder(folder, train_transform(source, image_size), check)
+
+
 def _imagefolder_pair(root: Path, source: str, image_size: int, verify: bool = True,
                       decode: str = "cpu") -> DatasetPair:
     check = _ReadableImageFilter(verify)
-    if decode == "gpu":  # the loader only reads bytes; the worker's GPU decodes them
-        from flashtrain.train.gpu_decode import EncodedImages
-
-        train = EncodedImages(root / "train", is_valid_file=check)
-    else:
-        train = _image_folder(root / "train", train_transform(source, image_size), check)
+    train = train_split(root / "train", source, image_size, decode, check)
     val = _image_folder(root / "val", val_transform(source, image_size), check)
     if train.class_to_idx != val.class_to_idx:
         only_train = sorted(set(train.classes) - set(val.classes))
