@@ -65,6 +65,11 @@ class StepStream:
                                  persistent_workers=loader_workers > 0,
                                  pin_memory=device.type == "cuda")
 
+    def close(self) -> None:
+        """End the loader processes now (a worker's exit ends them too)."""
+        self._batches.current = None
+        self.loader = None  # the last reference: torch's iterator shuts its workers down
+
     def start(self, sampler: StepBatchSampler) -> Iterator[DeviceStep]:
         """Every step of ``sampler`` with its batch on the device (``None`` where this
         rank's share is 0). Starting again abandons the previous stretch."""
