@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashtrain-installed
 ARGS ?=
 
-.PHONY: install run test test-unit test-integration test-gpu lint clean
+.PHONY: install run test test-unit test-integration test-gpu gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,12 @@ test-integration: $(STAMP) $(CHROMIUM)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -rs tests/gpu
+
+# For a person holding a GPU machine for ten minutes: environment, GPU tier, AMP, the two
+# GPU benchmarks shortened, one closing table (flashtrain/gpu_check.py). Without a GPU every
+# GPU part reports "no GPU".
+gpu-check: $(STAMP)
+	$(PY) -m flashtrain.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flashtrain tests
