@@ -58,8 +58,10 @@ class GridConfig(_Section):
 class CollectiveConfig(_Section):
     """Gradient synchronisation."""
 
-    algorithm: Literal["torus", "flat", "hierarchical"] = Field(
-        "torus", description="All-reduce algorithm: 2D torus (the paper), flat ring, or hierarchical.")
+    algorithm: Literal["torus", "flat", "hierarchical", "auto"] = Field(
+        "torus", description="All-reduce algorithm: 2D torus (the paper), flat ring, or "
+        "hierarchical; 'auto' chooses per grid from the node layout and the cost model "
+        "(flashtrain/algorithm.py), printed at start and recorded in metrics.jsonl.")
     bucket_mb: float = Field(64.0, gt=0, description="Gradient fusion bucket size in MiB. "
                              "Default from `bench allreduce`'s size sweep on 2x2 (README): the "
                              "smallest size within 90% of the torus's best bus bandwidth.")

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from flashtrain.algorithm import choose_algorithm
 from flashtrain.collective.errors import CollectiveError
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.faults import FaultInjector
@@ -227,7 +228,8 @@ class ElasticController:
         # All constructors first (model built, data indexed), so the rendezvous below
         # waits only for the group formation itself.
         ray.get([m.actor.ping.remote() for m in state.members], timeout=self.timeout)
-        refs = [m.actor.join.remote(state.grid, rank, state.generation)
+        algorithm = self._algorithm_for(state)
+        refs = [m.actor.join.remote(state.grid, rank, state.generation, algorithm)
                 for rank, m in enumerate(state.members)]
         # Fail fast here too: a member that died on the way makes the others give up
         # their rendezvous at once instead of waiting out its timeout.
@@ -237,6 +239,18 @@ class ElasticController:
         self.metrics.event("grid", generation=state.generation, grid=str(state.grid),
                            actors=[m.actor_id for m in state.members],
                            nodes=[m.node for m in state.members], pids=pids)
+
+    def _algorithm_for(self, state: GridState) -> str:
+        """The grid's all-reduce (flashtrain/algorithm.py), said and recorded."""
+        c = self.config.collective
+        choice = choose_algorithm(c.algorithm, state.grid, [m.node for m in state.members],
+                                  self.config.grid.use_gpu, c.bucket_mb * 2**20)
+        if c.algorithm == "auto":
+            self.say(f"all-reduce for grid {state.grid}: {choice.algorithm} ({choice.reason})")
+        self.metrics.event("algorithm", generation=state.generation, grid=str(state.grid),
+                           algorithm=choice.algorithm, reason=choice.reason,
+                           predicted_s=choice.predicted_s)
+        return choice.algorithm
 
     # -- state ---------------------------------------------------------------------------
 

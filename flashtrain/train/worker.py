@@ -73,8 +73,9 @@ class Worker:
 
     # -- grid membership -------------------------------------------------------------
 
-    def join(self, grid: Grid, rank: int, generation: int) -> int:
-        """Join the row, column and world groups of ``grid`` as ``rank``."""
+    def join(self, grid: Grid, rank: int, generation: int, algorithm: str | None = None) -> int:
+        """Join the row, column and world groups of ``grid`` as ``rank``; ``algorithm``
+        is the grid's all-reduce where the controller chose it (collective.algorithm=auto)."""
         c = self._config.collective
         # Forming waits for the slowest member, which may be a loaded machine's; give it
         # more room than a single collective call gets.
@@ -87,7 +88,8 @@ class Worker:
         synchronizer = (collective.OverlappedSynchronizer if c.overlap
                         else collective.GradientSynchronizer)
         self._sync = synchronizer(
-            [p for p in self.model.parameters() if p.requires_grad], self.comm, c.algorithm,
+            [p for p in self.model.parameters() if p.requires_grad], self.comm,
+            algorithm or c.algorithm,
             bucket_bytes=int(c.bucket_mb * 2**20), comm_dtype=_COMM_DTYPES[c.comm_dtype],
             pipeline_chunks=c.pipeline_chunks)
         self._batches = None
