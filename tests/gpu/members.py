@@ -26,15 +26,19 @@ def gpu_share(num_ranks: int) -> float:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def placed(actors: list, timeout_s: float = 120.0) -> None:
-    """Wait until Ray has started every actor of ``actors``. The one reason besides "no
-    GPU" for a test of this tier to skip is that Ray cannot place its ranks here; anything
-    else (an actor that fails to start, an NCCL error) is a failure and must show as one."""
-    try:
-        ray.get([actor.__ray_ready__.remote() for actor in actors], timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        pytest.skip(f"cannot place {len(actors)} ranks: Ray did not start them within "
-                    f"{timeout_s:g} s on this machine's {torch.cuda.device_count()} GPU(s)")
+def placed(actors: list, gpus_each: float, timeout_s: float = 300.0) -> None:
+    """Wait until Ray has started every actor of ``actors`` (each asking ``gpus_each``).
+
+    The one reason besides "no GPU" for a test of this tier to skip is that the cluster
+    has too few GPUs for its ranks, decided from Ray's resources, not from a clock: an
+    actor that fails or is slow to start (a timeout below) or an NCCL error is a failure
+    and shows as one."""
+    total = ray.cluster_resources().get("GPU", 0.0)
+    needed = gpus_each * len(actors)
+    if total + 1e-6 < needed:
+        pytest.skip(f"cannot place {len(actors)} ranks: they need {needed:g} GPU(s) and "
+                    f"the cluster has {total:g}")
+    ray.get([actor.__ray_ready__.remote() for actor in actors], timeout=timeout_s)
 
 
 @ray.remote(num_cpus=0, concurrency_groups={"control": 1})

@@ -69,7 +69,7 @@ def test_an_overflow_on_one_gpu_rank_is_skipped_by_both(ray_gpu, tmp_path):
     config = load_config(None, [*BASE, "grid.shape=1x2", "model.precision=fp16"])
     workers = start_workers(ray_gpu, config, tmp_path, 2)
     try:
-        placed(workers)  # the only skip: Ray cannot place two ranks here
+        placed(workers, gpu_share(2))  # the only skip: too few GPUs for two ranks
         ray_gpu.get([w.join.remote(Grid(1, 2), r, 0) for r, w in enumerate(workers)],
                     timeout=300)  # an error here is a bug: the test fails
         plans = plans_for(config, 4)

@@ -29,7 +29,7 @@ def ranks(ray, count: int) -> list:
                                  runtime_env={"env_vars": same_gpu_env(rank)}).remote()
                for rank in range(count)]
     try:
-        placed(members)
+        placed(members, gpu_share(count))
     except BaseException:
         for member in members:
             ray.kill(member)

@@ -1,5 +1,5 @@
 """``members.placed``, the GPU tier's one skip besides "no GPU", on real Ray here: ranks
-Ray cannot place skip with that reason; placed ranks pass through."""
+the cluster has too few GPUs for skip with that reason; placed ranks pass through."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ def test_placed_skips_only_ranks_ray_cannot_place(ray_session):
         pass
 
     ready = [Rank.remote()]
-    placed(ready, timeout_s=60.0)
-    waiting = [Rank.options(num_gpus=1).remote(), Rank.remote()]  # no GPU in this cluster
-    with pytest.raises(pytest.skip.Exception, match="cannot place 2 ranks"):
-        placed(waiting, timeout_s=2.0)
+    placed(ready, 0.0, timeout_s=60.0)
+    waiting = [Rank.options(num_gpus=0.5).remote() for _ in range(2)]  # no GPU here
+    with pytest.raises(pytest.skip.Exception, match="cannot place 2 ranks: they need 1 GPU"):
+        placed(waiting, 0.5)
     for actor in ready + waiting:
         ray.kill(actor)
