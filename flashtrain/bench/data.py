@@ -15,9 +15,9 @@ Runs alternate (A B, B A, ...) ``--repeats`` times, after an untimed run of each
 that the load of a shared machine falls on both; the table gives the median, min and max.
 Per core = images per CPU-second of the loop's process and its loader processes
 (``getrusage`` of the process and of its reaped children), which a machine shared with
-other work distorts far less than the wall clock (images/s is given too). ``--decode gpu`` measures the GPU
-decode (:mod:`flashtrain.train.gpu_decode`) against the same plain CPU loop; without
-CUDA it says so and exits with status 2.
+other work distorts far less than the wall clock (images/s is given too).
+``--decode gpu`` measures the GPU decode (:mod:`flashtrain.train.gpu_decode`) against the
+same plain CPU loop; without CUDA it says so and exits with status 2.
 """
 
 from __future__ import annotations

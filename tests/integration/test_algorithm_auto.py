@@ -1,5 +1,6 @@
-"""collective.algorithm=auto in a real run (local Ray, 2x2 CPU workers): the controller
-says the choice at forming, records it in metrics.jsonl and the grid trains with it."""
+"""collective.algorithm=auto in a real run (local Ray, 2x2 CPU workers, each fed by its
+persistent loader process): the controller says the choice at forming, records it in
+metrics.jsonl and the grid trains with it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ RUN = ["model.name=tiny_cnn", "data.source=synthetic", "data.synthetic_samples=6
        "data.image_size=16", "grid.shape=2x2", "grid.cpus_per_worker=0.25",
        "schedule.epochs=1", "schedule.phases=[{start_epoch: 0, global_batch: 16}]",
        "schedule.warmup_epochs=0.5", "runtime.max_steps=3", "runtime.progress=false",
-       "collective.algorithm=auto"]
+       "collective.algorithm=auto",
+       "data.loader_workers=1"]  # the worker's persistent loader process, in an actor
 
 
 def test_auto_is_said_recorded_and_used(ray_session, tmp_path):
