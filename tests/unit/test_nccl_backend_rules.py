@@ -29,6 +29,9 @@ def test_register_turns_off_torchs_heartbeat_monitor_before_any_group(monkeypatc
 
 
 def test_register_keeps_what_the_user_set(monkeypatch):
+    for name in TORCH_NCCL_ENV:
+        monkeypatch.setenv(name, "")  # recorded, so the test leaves the environment as it was
+        monkeypatch.delenv(name)
     monkeypatch.setenv("TORCH_NCCL_ENABLE_MONITORING", "1")
     nccl_backend.register()
     import os
