@@ -191,6 +191,43 @@ def train_transform(source: str, image_size: int) -> transforms.Compose:
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch`` of a run seeded ``seed``:
+    a function of those three only, so a resumed run, a replacement worker or a rebuilt
+    loader draw exactly what the uninterrupted run drew (SeedSequence mixes the three
+    well: neighbouring samples or epochs get unrelated streams)."""
+    sequence = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+    return int(sequence.generate_state(1, np.uint64)[0] >> 1)  # torch wants < 2**63
+
+
+class PerSampleRandom(Dataset):
+    """``dataset`` whose every sample is drawn with the CPU random generator seeded from
+    ``(seed, epoch, index)`` (:func:`sample_seed`), and the generator's state put back
+    after, so nothing outside the sample sees a difference.
+
+    torchvision's random transforms (RandomAffine, RandomResizedCrop, flips) draw from
+    torch's process-global generator; left alone, what sample 7 looks like would depend
+    on how many samples this process (or DataLoader worker) transformed before it. Only
+    the CPU generator is touched: ``torch.manual_seed`` would also reseed CUDA's."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(saved)
+
+
 def val_transform(source: str, image_size: int) -> transforms.Compose:
     """Evaluation transform: resize then center crop (ImageNet's 256 -> 224 ratio for
     photos; digits are only resized, their frame is the whole digit)."""
@@ -392,7 +429,8 @@ def make_step_loader(dataset: Dataset, sampler: StepBatchSampler, loader_workers
     for each non-empty step of ``sampler``; with ``loader_workers > 0`` the decoding runs
     in that many processes. Samples whose image cannot be decoded are left out of
     ``images``/``labels`` and named in ``skipped``."""
-    return DataLoader(SkipUndecodable(dataset), batch_sampler=sampler,
+    seeded = PerSampleRandom(dataset, sampler.seed, sampler.epoch)  # augmentations: see its doc
+    return DataLoader(SkipUndecodable(seeded), batch_sampler=sampler,
                       num_workers=loader_workers, collate_fn=collate_skipping,
                       persistent_workers=False, pin_memory=False)
 

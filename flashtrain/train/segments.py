@@ -1,0 +1,84 @@
+"""A run's segments: each invocation of the job that trained it, so a resumed run reports
+the whole run, not its last piece.
+
+Every invocation that reaches training appends one record to ``segments.json`` in the
+run directory when it ends, however it ends (finished, interrupted, failed), with when
+it ran, the first and last global step it trained, why it ended, and its trained samples
+and training seconds. :func:`whole_run_summary` folds them into ``summary.json``:
+``wall_seconds`` is the sum of the segments' wall times, ``images_per_sec`` the samples
+of every trained step over the seconds of every trained step (steps redone after an
+interruption count: they were trained), and ``segments`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SEGMENTS_FILE = "segments.json"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One invocation's part of a run."""
+
+    start: str  # ISO 8601, UTC
+    end: str
+    first_step: int  # the global step it started at
+    last_step: int | None  # the last global step it trained (None: it trained none)
+    ended: str  # finished / stopped at runtime.max_steps / interrupted / failed (Error)
+    wall_seconds: float
+    trained_samples: int
+    train_seconds: float
+
+
+def read_segments(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The segments recorded so far (an unreadable file counts as none: the report and
+    the summary then show only what this segment knows)."""
+    try:
+        loaded = json.loads((Path(run_dir) / SEGMENTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return loaded if isinstance(loaded, list) else []
+
+
+def append_segment(run_dir: Path | str, segment: Segment) -> list[dict[str, Any]]:
+    """Add ``segment`` to ``segments.json`` (written atomically); returns them all."""
+    segments = [*read_segments(run_dir), asdict(segment)]
+    target = Path(run_dir) / SEGMENTS_FILE
+    fd, temp = tempfile.mkstemp(prefix=f".{SEGMENTS_FILE}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(segments, file, indent=2)
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return segments
+
+
+def segment_steps(records: list[Mapping[str, Any]]) -> tuple[int | None, int | None]:
+    """(first, last) global step of one segment's metrics records: the ``start`` event's
+    step, and the highest step record (None where there is none)."""
+    first = next((r.get("global_step") for r in records
+                  if r.get("kind") == "event" and r.get("name") == "start"), None)
+    steps = [r["step"] for r in records if r.get("kind") == "step" and "step" in r]
+    return first, (max(steps) if steps else None)
+
+
+def whole_run_summary(summary: Mapping[str, Any], segments: list[Mapping[str, Any]]) -> dict:
+    """``summary`` (written by the last segment) with the figures of the whole run."""
+    out = dict(summary)
+    if not segments:
+        return out
+    samples = sum(s.get("trained_samples", 0) for s in segments)
+    seconds = sum(s.get("train_seconds", 0.0) for s in segments)
+    out["wall_seconds"] = sum(s.get("wall_seconds", 0.0) for s in segments)
+    out["images_per_sec"] = samples / seconds if seconds > 0 else 0.0
+    out["segments"] = [dict(s) for s in segments]
+    return out
