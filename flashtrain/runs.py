@@ -124,8 +124,12 @@ def refusal_message(changes: list[tuple[str, Any, Any]], run_dir: Path) -> str:
     named = ", ".join(f"{name} ({old!r} in the run, {new!r} asked)" for name, old, new in changes)
     return (f"--resume: {named} would make this another run, so it cannot change when "
             f"{run_dir} is resumed; start a new run for it (no --resume), or resume "
-            f"without it. A resume may change: {', '.join(RESUMABLE)} "
+            f"without it. A resume may change: {', '.join(_shown(p) for p in RESUMABLE)} "
             f"(not {', '.join(NOT_RESUMABLE)})")
+
+
+def _shown(prefix: str) -> str:
+    return prefix + "*" if prefix.endswith(".") else prefix
 
 
 def run_finished(summary: Mapping[str, Any] | None, epochs: int, max_steps: int | None) -> bool:
@@ -136,3 +140,12 @@ def run_finished(summary: Mapping[str, Any] | None, epochs: int, max_steps: int 
     if summary.get("epochs", 0) >= epochs - 1e-9:
         return True
     return max_steps is not None and summary.get("global_steps", 0) >= max_steps
+
+
+def where_and_why(root: RunsRoot, run_dir_arg: str | None) -> str:
+    """Why the run directory is where it is, for the job's first line."""
+    if run_dir_arg is not None and Path(run_dir_arg).expanduser().is_absolute():
+        return "as given by --run-dir"
+    if root.path is None:
+        return "relative to the current directory: no runtime.runs_root or $" + RUNS_ROOT_ENV
+    return f"under the runs root {root.path}, from {root.reason}"

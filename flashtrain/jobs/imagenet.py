@@ -28,10 +28,17 @@ from flashtrain.runs import (
     refused_changes,
     run_finished,
     run_path,
+    where_and_why,
 )
 from flashtrain.train.checkpoint import CheckpointError
 from flashtrain.train.metrics import METRICS_FILE, SUMMARY_FILE, write_summary
-from flashtrain.train.segments import Segment, append_segment, segment_steps, whole_run_summary
+from flashtrain.train.segments import (
+    Segment,
+    append_segment,
+    record_earlier_run,
+    segment_steps,
+    whole_run_summary,
+)
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -231,8 +238,8 @@ def train(config: FlashtrainConfig, args: argparse.Namespace, run_dir: Path, roo
     from flashtrain.driver.trainer import Trainer
 
     data_cache = Path(args.data_cache or os.path.expanduser("~/.cache/flashtrain/digits"))
-    why = f"under {root.path} ({root.reason})" if root.path else root.reason
-    print(f"flashtrain: run directory {run_dir} [{why}]", flush=True)
+    print(f"flashtrain: run directory {run_dir} ({where_and_why(root, args.run_dir)})",
+          flush=True)
     trainer = Trainer(config, run_dir, data_cache, resume=args.resume, cluster=cluster,
                       say=lambda message: print(f"flashtrain: {message}", flush=True))
     segment = SegmentClock(run_dir)
@@ -266,6 +273,7 @@ class SegmentClock:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        record_earlier_run(run_dir)
         self.started = datetime.now(timezone.utc)
         self.t0 = time.perf_counter()
         metrics = run_dir / METRICS_FILE

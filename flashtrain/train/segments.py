@@ -82,3 +82,20 @@ def whole_run_summary(summary: Mapping[str, Any], segments: list[Mapping[str, An
     out["images_per_sec"] = samples / seconds if seconds > 0 else 0.0
     out["segments"] = [dict(s) for s in segments]
     return out
+
+
+def record_earlier_run(run_dir: Path | str) -> None:
+    """A run trained before segments.json existed, resumed now: its summary.json becomes
+    its first segment (start and end unknown), so the whole-run figures keep it."""
+    run_dir = Path(run_dir)
+    if (run_dir / SEGMENTS_FILE).exists():
+        return
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        samples = int(sum(summary.get("trained_samples_per_epoch") or summary["samples_per_epoch"]))
+        ips, wall, steps = summary["images_per_sec"], summary["wall_seconds"], summary["global_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no summary (never finished a segment): nothing earlier to keep
+    append_segment(run_dir, Segment("unknown", "unknown", 0, steps - 1 if steps else None,
+                                    "ended before segments were recorded", float(wall), samples,
+                                    samples / ips if ips else 0.0))
