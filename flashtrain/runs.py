@@ -72,9 +72,9 @@ def choose_runs_root(configured: str | None, env: Mapping[str, str], cwd: Path |
         return RunsRoot(Path(env[RUNS_ROOT_ENV]).expanduser(), f"${RUNS_ROOT_ENV}")
     if in_ray_working_dir_copy(cwd):
         return RunsRoot(Path(HOME_RUNS).expanduser(),
-                        f"the job runs in Ray's temporary copy of its working directory "
-                        f"({cwd}), which Ray deletes; set runtime.runs_root or "
-                        f"${RUNS_ROOT_ENV} to choose another place")
+                        "the job runs in Ray's temporary copy of its working directory, "
+                        f"which Ray deletes; set runtime.runs_root or ${RUNS_ROOT_ENV} to "
+                        "choose another place")
     return RunsRoot(None, "no runtime.runs_root or $FLASHTRAIN_RUNS_ROOT: ./runs")
 
 
@@ -149,3 +149,17 @@ def where_and_why(root: RunsRoot, run_dir_arg: str | None) -> str:
     if root.path is None:
         return "relative to the current directory: no runtime.runs_root or $" + RUNS_ROOT_ENV
     return f"under the runs root {root.path}, from {root.reason}"
+
+
+def find_run(root: RunsRoot, run_dir: str, cwd: Path | str) -> Path:
+    """The run ``--resume --run-dir run_dir`` means: resolved like a new run's; without a
+    runs root a relative name not found there is also looked for in ~/flashtrain-runs
+    (where a job submitted with ``--working-dir`` put it), so the name it printed is
+    enough from the checkout too. Returns the first path holding a config.yaml, else
+    the rule's own path (the caller says it is not a run)."""
+    path = run_path(root, run_dir, "", cwd)
+    if root.path is None and not (path / "config.yaml").is_file():
+        home = run_path(RunsRoot(Path(HOME_RUNS).expanduser(), ""), run_dir, "", cwd)
+        if (home / "config.yaml").is_file():
+            return home
+    return path

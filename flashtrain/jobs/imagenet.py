@@ -24,6 +24,7 @@ from flashtrain.preflight import PreflightError, check_before_start, initial_num
 from flashtrain.runs import (
     RunsRoot,
     choose_runs_root,
+    find_run,
     refusal_message,
     refused_changes,
     run_finished,
@@ -89,7 +90,7 @@ def resolve_run(args: argparse.Namespace, cwd: Path | None = None,
     if args.run_dir is None:
         raise ConfigError("--resume needs --run-dir (the run to continue)")
     root = choose_runs_root(_asked_runs_root(args), env, cwd)
-    path = run_path(root, args.run_dir, "", cwd)
+    path = find_run(root, args.run_dir, cwd)
     saved_file = path / "config.yaml"
     if not saved_file.is_file():
         where = f" (relative names resolve against {root.path}: {root.reason})" if root.path else ""

@@ -11,6 +11,7 @@ from flashtrain.runs import (
     HOME_RUNS,
     RUNS_ROOT_ENV,
     choose_runs_root,
+    find_run,
     in_ray_working_dir_copy,
     refusal_message,
     refused_changes,
@@ -112,3 +113,21 @@ def test_segments_add_up_to_the_whole_run(tmp_path):
     assert summary["final_top1"] == 0.9
     (tmp_path / "segments.json").write_text("{cut")
     assert read_segments(tmp_path) == []
+
+
+def test_a_resume_finds_a_run_by_the_name_it_was_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    checkout = tmp_path / "checkout"
+    submitted = tmp_path / "home" / "flashtrain-runs" / "cpu-smoke-1"
+    submitted.mkdir(parents=True)
+    (submitted / "config.yaml").write_text("{}")
+    none = choose_runs_root(None, {}, checkout)
+    # Submitted with --working-dir (so under ~/flashtrain-runs), resumed from the checkout.
+    assert find_run(none, "cpu-smoke-1", checkout) == submitted
+    local = checkout / "runs" / "cpu-smoke-1"
+    local.mkdir(parents=True)
+    (local / "config.yaml").write_text("{}")
+    assert find_run(none, "runs/cpu-smoke-1", checkout) == local
+    assert find_run(none, "missing", checkout) == checkout / "missing"
+    shared = choose_runs_root(str(tmp_path / "shared"), {}, checkout)
+    assert find_run(shared, "cpu-smoke-1", checkout) == tmp_path / "shared" / "cpu-smoke-1"
