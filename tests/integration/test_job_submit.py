@@ -3,8 +3,8 @@
 
 The head runs with ``--block`` in its own process group, on free ports, so the test
 stops exactly the cluster it started (``ray stop`` would stop every Ray on the machine).
-Its HOME is a folder of the test: the job's default runs root (~/flashtrain-runs) and
-Ray's auth token land there, never in the user's home.
+Its HOME is a folder of the test, so the job's default runs root (~/flashtrain-runs)
+lands there, never in the user's home; its auth token is a file of the test.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -58,8 +59,14 @@ def ray_head(tmp_path):
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(6)
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home)}
-    for name in ("RAY_ADDRESS", "FLASHTRAIN_RUNS_ROOT"):
+    # A token of this cluster's own, as the batch launcher makes one (with another HOME,
+    # `ray start` would look for ~/.ray/auth_token in vain).
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    for name in ("RAY_ADDRESS", "FLASHTRAIN_RUNS_ROOT", "RAY_AUTH_TOKEN"):
         env.pop(name, None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
