@@ -131,3 +131,26 @@ def test_a_resume_finds_a_run_by_the_name_it_was_given(tmp_path, monkeypatch):
     assert find_run(none, "missing", checkout) == checkout / "missing"
     shared = choose_runs_root(str(tmp_path / "shared"), {}, checkout)
     assert find_run(shared, "cpu-smoke-1", checkout) == tmp_path / "shared" / "cpu-smoke-1"
+
+
+def test_the_job_resolves_runs_and_resumes_by_the_rule(tmp_path, monkeypatch):
+    from flashtrain.config import ConfigError, dump_config
+    from flashtrain.jobs.imagenet import parse_args, resolve_run
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    copy = tmp_path / "ray" / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_9"
+    config, root, path = resolve_run(parse_args(["--config", "jobs/cpu-smoke.yaml"]), cwd=copy,
+                                     env={})
+    assert path.parent == tmp_path / "home" / "flashtrain-runs"
+    assert path.name.startswith("cpu-smoke-") and config.model.name == "tiny_cnn"
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(dump_config(config))
+    # The run's own config, not the embedded default, under the --set that may change.
+    args = parse_args(["--resume", "--run-dir", path.name, "--set", "runtime.progress=true"])
+    resumed, _, found = resolve_run(args, cwd=copy, env={})
+    assert found == path and resumed.model.name == "tiny_cnn" and resumed.runtime.progress
+    with pytest.raises(ConfigError, match="model.name"):
+        resolve_run(parse_args(["--resume", "--run-dir", path.name, "--set",
+                                "model.name=resnet18"]), cwd=copy, env={})
+    with pytest.raises(ConfigError, match="already exists"):
+        resolve_run(parse_args(["--run-dir", str(path)]), cwd=copy, env={})
