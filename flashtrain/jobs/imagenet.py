@@ -34,9 +34,12 @@ from flashtrain.runs import (
 from flashtrain.train.checkpoint import CheckpointError
 from flashtrain.train.metrics import METRICS_FILE, SUMMARY_FILE, write_summary
 from flashtrain.train.segments import (
+    SEGMENTS_FILE,
     Segment,
     append_segment,
+    begin_segment,
     record_earlier_run,
+    records_after,
     segment_steps,
     whole_run_summary,
 )
@@ -148,7 +151,7 @@ def discard_if_unstarted(path: Path) -> bool:
     (only config.yaml and an empty metrics.jsonl): it holds nothing to resume."""
     names = {p.name for p in path.iterdir()}
     metrics = path / "metrics.jsonl"
-    if not names <= {"config.yaml", "metrics.jsonl"} or (metrics.exists() and metrics.stat().st_size):
+    if not names <= {"config.yaml", "metrics.jsonl", SEGMENTS_FILE} or (metrics.exists() and metrics.stat().st_size):
         return False
     shutil.rmtree(path)
     return True
@@ -279,19 +282,12 @@ class SegmentClock:
         self.t0 = time.perf_counter()
         metrics = run_dir / METRICS_FILE
         self.offset = metrics.stat().st_size if metrics.exists() else 0
+        begin_segment(run_dir, self.started.isoformat(timespec="seconds"), self.offset)
 
     def end(self, trainer, ended: str, summary: dict | None = None) -> list[dict]:
-        """Append the segment (from the metrics this invocation wrote); all segments."""
+        """Complete the segment (from the metrics this invocation wrote); all segments."""
         wall = time.perf_counter() - self.t0
-        with open(self.run_dir / METRICS_FILE, "rb") as file:
-            file.seek(self.offset)
-            lines = file.read().decode("utf-8", "replace").splitlines()
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a kill
+        records = records_after(self.run_dir / METRICS_FILE, self.offset)
         first, last = segment_steps(records)
         if summary is not None:
             last = summary["global_steps"] - 1 if summary["global_steps"] > (first or 0) else None
@@ -305,7 +301,8 @@ class SegmentClock:
             start=self.started.isoformat(timespec="seconds"),
             end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             first_step=first or 0, last_step=last, ended=ended, wall_seconds=round(wall, 3),
-            trained_samples=int(samples), train_seconds=float(seconds)))
+            trained_samples=int(samples), train_seconds=float(seconds),
+            metrics_offset=self.offset))
 
 
 def write_run_report(run_dir: Path) -> None:

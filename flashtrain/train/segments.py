@@ -1,10 +1,12 @@
 """A run's segments: each invocation of the job that trained it, so a resumed run reports
 the whole run, not its last piece.
 
-Every invocation that reaches training appends one record to ``segments.json`` in the
-run directory when it ends, however it ends (finished, interrupted, failed), with when
-it ran, the first and last global step it trained, why it ended, and its trained samples
-and training seconds. :func:`whole_run_summary` folds them into ``summary.json``:
+Every invocation that reaches training adds one record to ``segments.json`` in the run
+directory as it starts (``ended: running``) and completes it when it ends, however it
+ends (finished, interrupted, failed), with when it ran, the first and last global step
+it trained, why it ended, and its trained samples and training seconds. A record still
+``running`` when the next invocation starts belongs to a job that was killed (SIGKILL,
+a node lost): it is completed then from that job's own records in metrics.jsonl. :func:`whole_run_summary` folds them into ``summary.json``:
 ``wall_seconds`` is the sum of the segments' wall times, ``images_per_sec`` the samples
 of every trained step over the seconds of every trained step (steps redone after an
 interruption count: they were trained), and ``segments`` lists them.
@@ -35,6 +37,7 @@ class Segment:
     wall_seconds: float
     trained_samples: int
     train_seconds: float
+    metrics_offset: int = 0  # where its records begin in metrics.jsonl (bytes)
 
 
 def read_segments(run_dir: Path | str) -> list[dict[str, Any]]:
@@ -47,9 +50,62 @@ def read_segments(run_dir: Path | str) -> list[dict[str, Any]]:
     return loaded if isinstance(loaded, list) else []
 
 
+RUNNING = "running"
+KILLED = "killed (the job ended without recording it; figures from its metrics)"
+
+
 def append_segment(run_dir: Path | str, segment: Segment) -> list[dict[str, Any]]:
-    """Add ``segment`` to ``segments.json`` (written atomically); returns them all."""
-    segments = [*read_segments(run_dir), asdict(segment)]
+    """Add ``segment`` to ``segments.json`` (written atomically), in place of this
+    invocation's ``running`` record if there is one; returns them all."""
+    segments = read_segments(run_dir)
+    if segments and segments[-1].get("ended") == RUNNING:
+        segments.pop()
+    segments.append(asdict(segment))
+    _write(run_dir, segments)
+    return segments
+
+
+def begin_segment(run_dir: Path | str, start: str, metrics_offset: int) -> None:
+    """Record that a segment began (completing a killed one's record first)."""
+    segments = read_segments(run_dir)
+    if segments and segments[-1].get("ended") == RUNNING:
+        segments[-1] = killed_segment(segments[-1], records_after(
+            Path(run_dir) / "metrics.jsonl", segments[-1].get("metrics_offset", 0)))
+    segments.append(asdict(Segment(start, "unknown", 0, None, RUNNING, 0.0, 0, 0.0,
+                                   metrics_offset)))
+    _write(run_dir, segments)
+
+
+def killed_segment(segment: Mapping[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ``running`` record whose job never completed it, from the job's own records: its
+    wall time is its last record's time (seconds since that job's start)."""
+    first, last = segment_steps(records)
+    steps = [r for r in records if r.get("kind") == "step"]
+    times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
+    return {**segment, "first_step": first or 0, "last_step": last, "ended": KILLED,
+            "wall_seconds": max(times, default=0.0),
+            "trained_samples": sum(r.get("samples", 0) for r in steps),
+            "train_seconds": sum(r.get("step_seconds", 0.0) for r in steps)}
+
+
+def records_after(metrics: Path, offset: int) -> list[dict[str, Any]]:
+    """The metrics records from byte ``offset`` on (a line cut short by a kill skipped)."""
+    try:
+        with open(metrics, "rb") as file:
+            file.seek(offset)
+            lines = file.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
+
+
+def _write(run_dir: Path | str, segments: list[dict[str, Any]]) -> None:
     target = Path(run_dir) / SEGMENTS_FILE
     fd, temp = tempfile.mkstemp(prefix=f".{SEGMENTS_FILE}.", suffix=".tmp", dir=target.parent)
     try:
@@ -59,7 +115,6 @@ def append_segment(run_dir: Path | str, segment: Segment) -> list[dict[str, Any]
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    return segments
 
 
 def segment_steps(records: list[Mapping[str, Any]]) -> tuple[int | None, int | None]:

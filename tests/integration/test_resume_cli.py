@@ -81,7 +81,8 @@ def step_losses(run_dir: Path) -> tuple[dict[int, float], int]:
 def test_interrupt_refuse_resume_and_resume_a_finished_run(tmp_path):
     run_dir = tmp_path / "smoke"  # absolute: used exactly as given
     common = ["--data-cache", str(tmp_path / "cache")]
-    first = ["--config", "jobs/cpu-smoke.yaml", "--set", "schedule.epochs=1",
+    first = ["--config", "jobs/cpu-smoke.yaml", "--set", "schedule.epochs=1", "--set",
+             "schedule.phases=[{start_epoch: 0, global_batch: 64}]",
              "--set", "runtime.ray_address=local", "--run-dir", str(run_dir), *common]
     # cpu-smoke checkpoints every 10 steps: interrupted past 12, it resumes from step 10.
     assert interrupt_after(first, run_dir, step=12) == 130

@@ -19,7 +19,15 @@ from flashtrain.runs import (
     run_finished,
     run_path,
 )
-from flashtrain.train.segments import Segment, append_segment, read_segments, whole_run_summary
+from flashtrain.train.metrics import MetricsWriter
+from flashtrain.train.segments import (
+    KILLED,
+    Segment,
+    append_segment,
+    begin_segment,
+    read_segments,
+    whole_run_summary,
+)
 
 RAY_COPY = Path("/tmp/ray/session_2026-12-06_14-00-00_1_42/runtime_resources/"
                 "working_dir_files/_ray_pkg_0123abcd")
@@ -154,3 +162,21 @@ def test_the_job_resolves_runs_and_resumes_by_the_rule(tmp_path, monkeypatch):
                                 "model.name=resnet18"]), cwd=copy, env={})
     with pytest.raises(ConfigError, match="already exists"):
         resolve_run(parse_args(["--run-dir", str(path)]), cwd=copy, env={})
+
+
+def test_a_killed_segment_is_completed_from_its_metrics_when_the_next_begins(tmp_path):
+    begin_segment(tmp_path, "2026-12-06T10:00:00+00:00", 0)
+    assert [s["ended"] for s in read_segments(tmp_path)] == ["running"]
+    with MetricsWriter(tmp_path) as writer:  # the killed job's records
+        writer.event("start", global_step=20)
+        for step in (20, 21, 22):
+            writer.step(step=step, samples=64, step_seconds=0.5, time=3.0 + step)
+    offset = (tmp_path / "metrics.jsonl").stat().st_size
+    begin_segment(tmp_path, "2026-12-06T11:00:00+00:00", offset)  # the job resumed
+    killed, running = read_segments(tmp_path)
+    assert killed["ended"] == KILLED and (killed["first_step"], killed["last_step"]) == (20, 22)
+    assert killed["trained_samples"] == 192 and killed["train_seconds"] == 1.5
+    assert killed["wall_seconds"] == 25.0 and running["ended"] == "running"
+    done = append_segment(tmp_path, Segment("2026-12-06T11:00:00+00:00", "2026-12-06T11:01:00+00:00",
+                                            20, 40, "finished", 60.0, 1280, 10.0, offset))
+    assert [s["ended"] for s in done] == [KILLED, "finished"]
