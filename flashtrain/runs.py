@@ -148,7 +148,7 @@ def where_and_why(root: RunsRoot, run_dir_arg: str | None) -> str:
         return "as given by --run-dir"
     if root.path is None:
         return "relative to the current directory: no runtime.runs_root or $" + RUNS_ROOT_ENV
-    return f"under the runs root {root.path}, from {root.reason}"
+    return f"under the runs root {root.path}: {root.reason}"
 
 
 def find_run(root: RunsRoot, run_dir: str, cwd: Path | str) -> Path:
