@@ -223,6 +223,11 @@ class RuntimeConfig(_Section):
     """Where the job runs and what it reports."""
 
     preset: str = Field("default", description="Name used in the default run directory.")
+    runs_root: str | None = Field(None, description="Folder that relative run directories "
+                                  "(and new runs) go to; also $FLASHTRAIN_RUNS_ROOT. Unset: "
+                                  "./runs, or ~/flashtrain-runs when the job runs in Ray's "
+                                  "temporary working_dir copy (see flashtrain.runs). On a "
+                                  "cluster, a folder the user can reach (a shared home).")
     ray_address: str | None = Field(None, description="Ray address; None: join a running cluster "
                                     "if there is one (ray start / ray job submit), else start one.")
     seed: int = Field(0, description="Seed of model initialisation.")

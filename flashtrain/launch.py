@@ -15,7 +15,9 @@ remote-exec command; everything else happens here, the same for both:
    host alive; otherwise it stops with a message naming the hosts that are missing (and
    the log of any host whose node command already ended).
 4. It runs ``python -m flashtrain.jobs.imagenet`` with the user's arguments against that
-   cluster and returns the job's exit status.
+   cluster and returns the job's exit status. The job's relative run directories go to
+   the folder of the shared directory (``$FLASHTRAIN_RUNS_ROOT``, unless already set):
+   the job writes them on the head's host, and every host and the user reach that folder.
 5. Whatever happened (job failed, SIGTERM from the scheduler, Ctrl-C), it stops Ray on
    every host, workers first and the head last, each bounded by ``--stop-timeout``.
 
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flashtrain.launch_node import POLL_S, SharedDir
+from flashtrain.runs import RUNS_ROOT_ENV
 
 EXIT_USAGE = 2
 EXIT_NODES = 3  # the cluster did not come up: a host never joined or its node failed
@@ -141,6 +144,14 @@ def node_command(plan: LaunchPlan, index: int) -> str:
         steps.append(plan.setup)
     steps += [f". {shlex.quote(str(plan.venv / 'bin' / 'activate'))}", "exec " + shlex.join(agent)]
     return " && ".join(steps)
+
+
+def runs_root_of(plan: LaunchPlan) -> Path:
+    """Where the job's runs go unless $FLASHTRAIN_RUNS_ROOT says otherwise: the folder
+    holding the shared directory (WORKDIR/runs by default), which every host and the
+    user already reach, and the same for every launch, so ``--resume --run-dir NAME``
+    in a later batch job finds a run by its name."""
+    return plan.share_dir.parent
 
 
 def current_venv() -> Path | None:
@@ -283,6 +294,7 @@ class Launch:
         command = [sys.executable, "-m", "flashtrain.jobs.imagenet", *self.plan.job_args]
         self.say("running " + shlex.join(command[1:]))
         env = {**self.share.ray_env(dict(os.environ)), "RAY_ADDRESS": address}
+        env.setdefault(RUNS_ROOT_ENV, str(runs_root_of(self.plan)))
         job = subprocess.Popen(command, cwd=self.plan.workdir, env=env, start_new_session=True)
         try:
             return job.wait()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flashtrain.train.metrics import METRICS_FILE, SUMMARY_FILE, read_metrics, records_of
+from flashtrain.train.segments import read_segments
 
 REPORT_FILE = "report.html"
 CONFIG_FILE = "config.yaml"
@@ -144,7 +145,7 @@ def summary_rows(run: RunRecord) -> list[tuple[str, str]]:
     if summary is not None:
         rows = [("final top-1", _percent(summary.get("final_top1"))),
                 ("final top-5", _percent(summary.get("final_top5")))]
-        skip = {"final_top1", "final_top5", "reforms"}
+        skip = {"final_top1", "final_top5", "reforms", "segments"}
         rows += [(key.replace("_", " "), _fmt(value)) for key, value in summary.items()
                  if key not in skip and not isinstance(value, dict)]
         rows.append(("grid re-forms", str(len(run.reforms))))
@@ -181,6 +182,19 @@ def _reform_table(reforms: list[dict[str, Any]]) -> str:
                   rows)
 
 
+def _segment_table(segments: list[dict[str, Any]]) -> str:
+    """Each invocation that trained the run: a resumed run has several."""
+    if not segments:
+        return "<p>No segment recorded (a run from before segments.json existed).</p>"
+    rows = [[s.get("start", "-"), s.get("end", "-"), s.get("first_step", "-"),
+             "-" if s.get("last_step") is None else s["last_step"], s.get("ended", "-"),
+             _fmt(s.get("wall_seconds", "-")),
+             _fmt(s["trained_samples"] / s["train_seconds"])
+             if s.get("train_seconds") else "-"] for s in segments]
+    return _table(["start (UTC)", "end (UTC)", "first step", "last step", "ended",
+                   "wall (s)", "images/s"], rows)
+
+
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -213,6 +227,8 @@ def render_html(run: RunRecord) -> str:
     if run.notes:
         parts.append("<h2>Files</h2>" + _table(["file", "state"], [[n, s] for n, s in run.notes.items()]))
     parts.append("<h2>Summary</h2>" + _table(["figure", "value"], [list(r) for r in summary_rows(run)]))
+    segments = (run.summary or {}).get("segments") or read_segments(run.run_dir)
+    parts.append("<h2>Segments</h2>" + _segment_table(segments))
     parts.append("<h2>Grid re-forms</h2>" + _reform_table(reforms))
     parts.append("<h2>Plots</h2>")
     for figure in figures:

@@ -208,3 +208,24 @@ def export_weights(path_or_payload: Path | str | dict[str, Any], out_path: Path 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(out_path, lambda file: torch.save(state_dict, file))
     return out_path
+
+
+def check_fits(payload: dict[str, Any], expected: dict[str, Any], path: Path | str,
+               model_name: str) -> None:
+    """Raise :class:`CheckpointError` with one message unless the checkpoint's model
+    ``state_dict`` has exactly the keys and shapes of ``expected`` (a freshly built
+    model's), so a resume never dies inside ``load_state_dict`` with a list of keys."""
+    state = _strip_module_prefix(payload["model"])
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & state.keys()
+                      if tuple(getattr(state[key], "shape", ())) != tuple(expected[key].shape))
+    if not (missing or unexpected or reshaped):
+        return
+    saved_name = payload.get("model_name", "an unnamed model")
+    problems = [f"{len(found)} {what} (e.g. {found[0]})" for what, found in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+                if found]
+    raise CheckpointError(f"checkpoint {path} holds {saved_name}, which does not fit the "
+                          f"{model_name} this run builds: {', '.join(problems)} parameter(s); "
+                          "resume with the model the run was trained with")

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -189,6 +189,80 @@ def train_transform(source: str, image_size: int) -> transforms.Compose:
                    transforms.RandomHorizontalFlip()]
     return transforms.Compose([*augment, transforms.ToTensor(),
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """One step of the splitmix64 finaliser: a 64-bit value mixed so that neighbouring
+    inputs give unrelated outputs (about a microsecond in Python; numpy's SeedSequence
+    costs some 40 times that per sample)."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch`` of a run seeded ``seed``:
+    a function of those three only, so a resumed run, a replacement worker or a rebuilt
+    loader draw exactly what the uninterrupted run drew; neighbouring samples or epochs
+    get unrelated streams."""
+    mixed = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ epoch) ^ int(index))
+    return mixed >> 1  # torch wants a seed below 2**63
+
+
+class SampleKey(NamedTuple):
+    """What a training loader asks its dataset for: sample ``index`` of ``epoch`` in a run
+    seeded ``seed``. The key carries the epoch because a loader's processes outlive an
+    epoch (:class:`flashtrain.train.loader.StepStream`)."""
+
+    seed: int
+    epoch: int
+    index: int
+
+
+class KeyedBatches(Sampler[list[SampleKey]]):
+    """The batches of ``sampler`` as lists of :class:`SampleKey` (for
+    :class:`PerSampleRandom`)."""
+
+    def __init__(self, sampler: StepBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        seed, epoch = self.sampler.seed, self.sampler.epoch
+        for batch in self.sampler:
+            yield [SampleKey(seed, epoch, index) for index in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class PerSampleRandom(Dataset):
+    """``dataset`` read by :class:`SampleKey`: each sample is drawn with the CPU random
+    generator seeded from ``(seed, epoch, index)`` (:func:`sample_seed`), and the
+    generator's state put back after, so nothing outside the sample sees a difference.
+
+    torchvision's random transforms (RandomAffine, RandomResizedCrop, flips) draw from
+    torch's process-global generator; left alone, what sample 7 looks like would depend
+    on how many samples this process (or DataLoader worker) transformed before it. Only
+    the CPU generator is touched: ``torch.manual_seed`` would also reseed CUDA's."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(sample_seed(*key))
+        try:
+            return self.dataset[key.index]
+        finally:
+            generator.set_state(saved)
 
 
 def val_transform(source: str, image_size: int) -> transforms.Compose:
@@ -407,7 +481,9 @@ def make_step_loader(dataset: Dataset, sampler: StepBatchSampler, loader_workers
     for each non-empty step of ``sampler``; with ``loader_workers > 0`` the decoding runs
     in that many processes. Samples whose image cannot be decoded are left out of
     ``images``/``labels`` and named in ``skipped``."""
-    return DataLoader(SkipUndecodable(dataset), batch_sampler=sampler,
+    # Keys carry (seed, epoch, index): the augmentations are a function of those alone.
+    return DataLoader(SkipUndecodable(PerSampleRandom(dataset)),
+                      batch_sampler=KeyedBatches(sampler),
                       num_workers=loader_workers, collate_fn=collate_skipping)
 
 

@@ -25,21 +25,29 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from flashtrain.config import DataConfig
-from flashtrain.train.data import RankStep, StepBatchSampler
+from flashtrain.train.data import (
+    KeyedBatches,
+    PerSampleRandom,
+    RankStep,
+    SampleKey,
+    StepBatchSampler,
+)
 from flashtrain.train.decode import LoadedBatch, SkipUndecodable, collate_skipping
 
 # A step's batch on the device, or None where this rank's share of the step is empty.
 DeviceStep = tuple[RankStep, LoadedBatch | None]
 
 
-class _SwappableBatches(Sampler[list[int]]):
-    """The batch sampler of a persistent loader: the current stretch's batches."""
+class _SwappableBatches(Sampler[list[SampleKey]]):
+    """The batch sampler of a persistent loader: the current stretch's batches, keyed by
+    (seed, epoch, index) so that the loader processes seed each sample's augmentations
+    by its own epoch (:class:`~flashtrain.train.data.PerSampleRandom`)."""
 
     def __init__(self) -> None:
         self.current: StepBatchSampler | None = None
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.current) if self.current is not None else iter(())
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        return iter(KeyedBatches(self.current)) if self.current is not None else iter(())
 
     def __len__(self) -> int:
         return len(self.current) if self.current is not None else 0
@@ -60,7 +68,8 @@ class StepStream:
         self.device = device
         self._batches = _SwappableBatches()
         self._transform = batch_transform
-        self.loader = DataLoader(SkipUndecodable(dataset), batch_sampler=self._batches,
+        self.loader = DataLoader(SkipUndecodable(PerSampleRandom(dataset)),
+                                 batch_sampler=self._batches,
                                  num_workers=loader_workers, collate_fn=collate,
                                  persistent_workers=loader_workers > 0,
                                  pin_memory=device.type == "cuda")

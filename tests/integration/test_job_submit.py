@@ -1,13 +1,18 @@
-"""The job as a cluster user runs it: ``ray start --head`` then ``ray job submit``.
+"""The job as a cluster user runs it: ``ray start --head`` then ``ray job submit
+--working-dir .``, as the README says.
 
 The head runs with ``--block`` in its own process group, on free ports, so the test
 stops exactly the cluster it started (``ray stop`` would stop every Ray on the machine).
+Its HOME is a folder of the test, so the job's default runs root (~/flashtrain-runs)
+lands there, never in the user's home; its auth token is a file of the test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -50,9 +55,19 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, deadline_s: float) -> N
 
 @pytest.fixture
 def ray_head(tmp_path):
+    """``(url, env, stop)``: a head of this test's own; ``stop()`` stops exactly it."""
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(6)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    home = tmp_path / "home"
+    home.mkdir()
+    # A token of this cluster's own, as the batch launcher makes one (with another HOME,
+    # `ray start` would look for ~/.ray/auth_token in vain).
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    for name in ("RAY_ADDRESS", "FLASHTRAIN_RUNS_ROOT", "RAY_AUTH_TOKEN"):
+        env.pop(name, None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", f"--dashboard-port={dashboard}",
@@ -61,10 +76,10 @@ def ray_head(tmp_path):
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
-    try:
-        wait_for_dashboard(url, head, deadline_s=120)
-        yield url, env
-    finally:
+
+    def stop() -> None:
+        if head.poll() is not None:
+            return
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
@@ -72,15 +87,23 @@ def ray_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
 
+    try:
+        wait_for_dashboard(url, head, deadline_s=120)
+        yield url, env, stop
+    finally:
+        stop()
+
 
 def submit(url: str, env: dict, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir .`` from the checkout (.git left out of the upload)."""
     # Ray 2.60 turns token auth on at the first `ray start`; the job CLI must say so.
     env = {**env, "RAY_AUTH_MODE": "token"}
     deadline = time.monotonic() + timeout_s
     while True:
         result = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", url, "--", "python", "-m",
-             "flashtrain.jobs.imagenet", *args],
+            [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
+             "--runtime-env-json", json.dumps({"excludes": [".git", "runs"]}), "--", "python",
+             "-m", "flashtrain.jobs.imagenet", *args],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         # The job agent can come up a little after the dashboard answers.
         if "No available agent" not in result.stderr or time.monotonic() > deadline:
@@ -88,15 +111,43 @@ def submit(url: str, env: dict, args: list[str], timeout_s: float) -> subprocess
         time.sleep(1)
 
 
-def test_job_submit_runs_the_preset_on_the_cluster(ray_head, tmp_path):
-    url, env = ray_head
-    run_dir = tmp_path / "run"
-    result = submit(url, env, ["--config", "jobs/cpu-smoke.yaml", "--run-dir", str(run_dir),
-                               "--data-cache", str(tmp_path / "cache")], timeout_s=400)
+def files_of(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}
+
+
+def test_job_submitted_with_working_dir_keeps_its_run_after_the_cluster_stops(ray_head, tmp_path):
+    url, env, stop = ray_head
+    result = submit(url, env, ["--config", "jobs/cpu-smoke.yaml", "--data-cache",
+                               str(tmp_path / "cache")], timeout_s=400)
+    out = result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in result.stdout + result.stderr
+    assert "succeeded" in out
+    # Where the job said its run goes, and why: not in Ray's temporary copy.
+    said = re.search(r"flashtrain: run directory (\S+) \((.*)\)", out)
+    assert said, out[-3000:]
+    run_dir = Path(said.group(1))
+    assert run_dir.parent == tmp_path / "home" / "flashtrain-runs"
+    assert "Ray's temporary copy" in said.group(2)
+    printed = re.findall(r"(?:results in|report) (\S+)", out)
+    assert len(printed) == 2 and all(p.startswith(str(run_dir)) for p in printed), printed
+    for line in out.splitlines():  # no path the job prints is in Ray's session folder
+        assert not ("flashtrain" in line and "runtime_resources" in line), line
     summary = json.loads((run_dir / "summary.json").read_text())
     size = summary["dataset_train_size"]
-    assert summary["samples_per_epoch"] == [size, size]
-    assert summary["final_top1"] > 0.3
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
+    assert summary["samples_per_epoch"] == [size, size] and summary["final_top1"] > 0.3
+    assert [s["ended"] for s in summary["segments"]] == ["finished"]
+
+    stop()  # this test's head only: Ray removes its session folder and the job's copy
+    before = files_of(run_dir)
+    assert {"summary.json", "config.yaml", "metrics.jsonl", "report.html"} <= before.keys()
+    # From the checkout, by its name: the same rule finds it (~/flashtrain-runs), and a
+    # finished run is left exactly as it was.
+    job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    job_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    again = subprocess.run([sys.executable, "-m", "flashtrain.jobs.imagenet", "--resume",
+                            "--run-dir", run_dir.name], cwd=REPO, env=job_env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{run_dir} is finished" in again.stdout
+    assert files_of(run_dir) == before

@@ -131,3 +131,21 @@ def test_resnet50_weights_load_into_a_plain_torchvision_model(tmp_path):
     plain.load_state_dict(load_checkpoint(path)["model"])  # strict: every key matches
     for name, value in model.state_dict().items():
         assert torch.equal(plain.state_dict()[name], value), name
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_message(tmp_path: Path) -> None:
+    from flashtrain.train.checkpoint import CheckpointError, check_fits
+    from flashtrain.train.models import build_model
+
+    tiny = build_model("tiny_cnn", 10, 0).state_dict()
+    payload = {"model": tiny, "model_name": "tiny_cnn"}
+    check_fits(payload, build_model("tiny_cnn", 10, 1).state_dict(), tmp_path / "c.pt", "tiny_cnn")
+    with pytest.raises(CheckpointError) as err:
+        check_fits(payload, build_model("resnet18", 10, 0).state_dict(), tmp_path / "c.pt",
+                   "resnet18")
+    message = str(err.value)
+    assert "holds tiny_cnn" in message and "resnet18" in message and "missing" in message
+    assert "\n" not in message and len(message) < 400
+    with pytest.raises(CheckpointError, match="of another shape"):
+        check_fits(payload, build_model("tiny_cnn", 7, 0).state_dict(), tmp_path / "c.pt",
+                   "tiny_cnn")

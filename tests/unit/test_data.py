@@ -16,6 +16,8 @@ from PIL import Image
 from flashtrain.config import DataConfig
 from flashtrain.sharding import epoch_permutation
 from flashtrain.train.data import (
+    PerSampleRandom,
+    SampleKey,
     StepBatchSampler,
     build_datasets,
     ensure_digits_imagefolder,
@@ -397,3 +399,39 @@ def test_a_batch_of_only_undecodable_images_is_empty(quirky_dir: Path) -> None:
     (batch,) = list(loader)
     assert len(batch.images) == len(batch.labels) == 0
     assert sorted(s.name for s in batch.skipped) == sorted(TORN)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_augmentations_are_a_function_of_seed_epoch_and_sample(digits_dir: Path) -> None:
+    """What a training sample looks like depends only on (seed, epoch, index): not on the
+    process's RNG history, on the loader's start cursor (a resumed run starts mid-epoch),
+    nor on whether it is decoded in a loader process."""
+    cfg = DataConfig(source="digits", root=str(digits_dir))
+    train = build_datasets(cfg).train
+
+    def step_images(epoch: int, start_cursor: int, workers: int,
+                    steps: int = 3) -> dict[int, torch.Tensor]:
+        sampler = StepBatchSampler(len(train), epoch, start_cursor, 16, 2, 0, seed=3,
+                                   min_tail=2, max_steps=steps)
+        loader = make_step_loader(train, sampler, loader_workers=workers)
+        indices = [i for plan in sampler.plans() for i in plan.indices]
+        images = torch.cat([batch.images for batch in loader])
+        return dict(zip(indices, images, strict=True))
+
+    torch.manual_seed(0)
+    whole = step_images(epoch=1, start_cursor=0, workers=0)
+    torch.rand(12345)  # another history of the global generator
+    resumed = step_images(epoch=1, start_cursor=16, workers=1, steps=2)
+    assert resumed.keys() <= whole.keys() and len(resumed) == 16
+    for index, image in resumed.items():
+        assert torch.equal(image, whole[index]), index
+    # The augmentation is random: another epoch shows the same sample differently.
+    for index, image in whole.items():
+        assert torch.equal(PerSampleRandom(train)[SampleKey(3, 1, index)][0], image)
+        assert not torch.equal(PerSampleRandom(train)[SampleKey(3, 2, index)][0], image)
+    # And the global generator is left as it was: nothing outside a sample is changed.
+    before = torch.get_rng_state()
+    PerSampleRandom(train)[SampleKey(3, 1, 5)]
+    assert torch.equal(before, torch.get_rng_state())

@@ -17,6 +17,7 @@ from flashtrain.launch import (
     node_command,
     parse_args,
     parse_hosts,
+    runs_root_of,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,3 +105,13 @@ def test_the_slurm_script_takes_its_hosts_from_scontrol():
     text = (REPO / "cluster" / "slurm" / "job.sh").read_text()
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in text
 
+
+
+def test_the_job_runs_go_next_to_the_shared_directory(tmp_path):
+    # The same folder for every launch of a checkout, so a later batch job's
+    # --resume --run-dir NAME finds the run.
+    plan = plan_for("--hosts", "a,b", "--workdir", str(tmp_path), "--job-id", "7")
+    assert plan.share_dir == tmp_path / "runs" / "launch-7"
+    assert runs_root_of(plan) == tmp_path / "runs"
+    own = plan_for("--hosts", "a", "--share-dir", str(tmp_path / "scratch" / "j8"))
+    assert runs_root_of(own) == tmp_path / "scratch"

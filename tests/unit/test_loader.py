@@ -60,6 +60,32 @@ def test_the_loader_processes_outlive_a_stretch_and_stale_batches_are_dropped():
     assert os.getpid() not in pids and len(pids) == 2  # the same two processes throughout
 
 
+def test_a_persistent_stream_augments_each_epoch_as_a_fresh_loader_would(tmp_path: Path):
+    """The loader processes outlive an epoch, yet each sample's random augmentation is
+    the one of its own (seed, epoch, index): a resumed run, whose loader starts at that
+    epoch, sees exactly what the uninterrupted run saw."""
+    from flashtrain.config import DataConfig
+    from flashtrain.train.data import build_datasets, ensure_digits_imagefolder
+
+    root = ensure_digits_imagefolder(tmp_path / "digits")
+    train = build_datasets(DataConfig(source="digits", root=str(root))).train
+
+    def digits_sampler(epoch: int) -> StepBatchSampler:
+        return StepBatchSampler(num_samples=len(train), epoch=epoch, start_cursor=0,
+                                global_batch=16, num_workers=2, rank=0, seed=3, min_tail=1,
+                                max_steps=2)
+
+    stream = StepStream(train, loader_workers=1, device=CPU)
+    for epoch in (0, 1):
+        got = [batch.images for _, batch in stream.start(digits_sampler(epoch))]
+        fresh = make_step_loader(train, digits_sampler(epoch), loader_workers=0)
+        want = [batch.images for _, batch in iterate_steps(digits_sampler(epoch), fresh)]
+        assert len(got) == len(want) == 2
+        for got_images, want_images in zip(got, want, strict=True):
+            assert torch.equal(got_images, want_images), epoch
+    stream.close()
+
+
 def test_an_empty_share_is_none_and_the_prefetcher_keeps_order():
     idle = StepBatchSampler(num_samples=10, epoch=0, start_cursor=0, global_batch=2,
                             num_workers=3, rank=2, seed=0, min_tail=1)

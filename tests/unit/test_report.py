@@ -16,6 +16,7 @@ from flashtrain.jobs.imagenet import write_run_report
 from flashtrain.report import main, read_run, write_report
 from flashtrain.train.figures import grid_timeline, last_per_step, reform_label
 from flashtrain.train.metrics import MetricsWriter, write_summary
+from flashtrain.train.segments import Segment, append_segment
 
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 REFORM = dict(cause="ActorDiedError", reason="2x2 -> 3x1: 3 workers on 1 node(s)",
@@ -104,6 +105,23 @@ def test_report_of_a_resumed_run_shows_both_configs(tmp_path: Path) -> None:
     (run_dir / "config.resumed.yaml").write_text("runtime:\n  preset: resumed-later\n")
     page = write_report(run_dir).read_text()
     assert "preset: &lt;partial &amp; run&gt;" in page and "preset: resumed-later" in page
+
+
+def test_report_of_a_resumed_run_lists_its_segments(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_partial_run(run_dir)
+    append_segment(run_dir, Segment("2026-12-06T10:00:00+00:00", "2026-12-06T10:01:00+00:00",
+                                    0, 7, "interrupted", 60.0, 512, 4.0))
+    page = write_report(run_dir).read_text()  # no summary yet: segments.json
+    assert "Segments" in page and "<td>interrupted</td>" in page and "<td>128</td>" in page
+    segments = append_segment(run_dir, Segment("2026-12-06T11:00:00+00:00",
+                                               "2026-12-06T11:00:30+00:00", 6, 11,
+                                               "finished", 30.0, 384, 2.0))
+    write_summary(run_dir, {"final_top1": 0.5, "final_top5": 0.9, "wall_seconds": 90.0,
+                            "segments": segments})
+    page = write_report(run_dir).read_text()
+    assert page.count("<td>interrupted</td>") == 1 and page.count("<td>finished</td>") == 1
+    assert re.search(r"wall seconds</td><td>90", page) and "2026-12-06T11:00:00" in page
 
 
 def test_report_of_a_failed_run_shows_the_error(tmp_path: Path) -> None:
