@@ -18,7 +18,8 @@ model, image size and per-worker batch. A run's step time is the median, after t
 worker's, from ``metrics.jsonl``; the peers: rank 0's); flashtrain's slowest worker's
 split into compute (forward, backward, optimizer), exposed communication (waiting for
 the gradient all-reduce after the backward) and data wait comes beside. The summary gives
-each system's median, min and max images/s over the rounds and the ratio of the medians.
+each system's median, min and max images/s over the rounds, the ratio of the medians and
+each round's ratio (a system's run over the peer's run of the same round).
 """
 
 from __future__ import annotations
@@ -210,7 +211,19 @@ def summarize(runs: list[dict]) -> list[dict]:
     for row in rows:
         peer = peers.get(row["workers"])
         row["vs_peer"] = row["images_per_sec"] / peer["images_per_sec"] if peer else None
+        row["vs_peer_rounds"] = _round_ratios(runs, row) if peer else None
     return rows
+
+
+def _round_ratios(runs: list[dict], row: dict) -> list[float]:
+    """Each round's run of ``row``'s system over the peer's run of the same round (the
+    pairs that shared the machine's load most closely)."""
+    def speeds(systems) -> dict:
+        return {r["repeat"]: r["images_per_sec"] for r in runs
+                if r["workers"] == row["workers"] and r["system"] in systems}
+
+    mine, peer = speeds((row["system"],)), speeds((PEER, SINGLE))
+    return [mine[k] / peer[k] for k in sorted(mine) if k in peer]
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -219,9 +232,11 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
              f"after {args.warmup} warm-up per run, {args.repeats} interleaved rounds, "
              f"{os.cpu_count()} cores",
              f"{'workers':>7} {'system':<21}{'img/s med':>10}{'min':>8}{'max':>8}{'step s':>8}"
-             f"{'compute s':>10}{'exposed s':>10}{'exposed':>8}{'data s':>8}{'vs peer':>9}"]
+             f"{'compute s':>10}{'exposed s':>10}{'exposed':>8}{'data s':>8}{'vs peer':>9}"
+             "  per round"]
     for r in rows:
         ratio = f"{r['vs_peer']:.3f}x" if r["vs_peer"] else "-"
+        rounds = " ".join(f"{x:.2f}" for x in r["vs_peer_rounds"] or [])
 
         def cell(key: str, width: int, fmt: str, row=r) -> str:
             return f"{format(row[key], fmt):>{width}}" if key in row else f"{'-':>{width}}"
@@ -230,7 +245,7 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
                      f"{r['images_per_sec_min']:>8.1f}{r['images_per_sec_max']:>8.1f}"
                      f"{r['step_s']:>8.3f}{cell('compute_s', 10, '.3f')}"
                      f"{cell('comm_exposed_s', 10, '.3f')}{cell('comm_exposed_share', 8, '.1%')}"
-                     f"{cell('data_wait_s', 8, '.3f')}{ratio:>9}")
+                     f"{cell('data_wait_s', 8, '.3f')}{ratio:>9}  {rounds}")
     return "\n".join(lines)
 
 

@@ -45,6 +45,9 @@ def test_throughput_interleaves_flashtrain_and_the_plain_ddp_loop(tmp_path):
     assert rows["raytrain_ddp"]["vs_peer"] == 1.0
     assert rows["flashtrain_torus"]["vs_peer"] == pytest.approx(
         rows["flashtrain_torus"]["images_per_sec"] / rows["raytrain_ddp"]["images_per_sec"])
+    speed = {(r["system"], r["repeat"]): r["images_per_sec"] for r in data["runs"]}
+    assert rows["flashtrain_torus"]["vs_peer_rounds"] == pytest.approx(
+        [speed[("flashtrain_torus", k)] / speed[("raytrain_ddp", k)] for k in (0, 1)])
     for run in data["runs"]:
         if run["system"] != "flashtrain_torus":
             continue
