@@ -1,18 +1,25 @@
-"""``python -m flashtrain.bench throughput``: flashtrain against Ray Train v2 + DDP.
+"""``python -m flashtrain.bench throughput``: flashtrain against the loops users write.
 
-For each worker count, in one invocation and on one fresh local Ray instance: one short
-synthetic-data run of :class:`flashtrain.driver.trainer.Trainer` per all-reduce algorithm
-(flat, torus; the grid is ``(N/2)x2``, a row per two workers) and, as the peer to beat,
-Ray Train v2's ``TorchTrainer`` with ``DistributedDataParallel`` over gloo
-(:mod:`flashtrain.bench.raytrain_peer`'s training loop: the same model, samples, global
-batch, learning rate, loss and thread count). Every system gets one CPU and one torch
-thread per worker.
+For each worker count, on one fresh local Ray instance, ``--repeats`` rounds, each round
+one run of every system in the same order (A B A B A B: a load change on the shared
+machine falls on both sides):
 
-flashtrain's step time is the step record's (``metrics.jsonl``: the slowest worker's
-time for the step), split on that worker into compute (forward, backward, optimizer),
-exposed communication (waiting for the gradient all-reduce after the backward ended) and
-data wait. Ray Train's is the time between consecutive steps on its rank 0. The first ``--warmup`` steps are
-dropped, medians reported, and images/s compared with Ray Train's.
+- flashtrain: a short synthetic-data run of :class:`flashtrain.driver.trainer.Trainer`
+  per all-reduce algorithm in ``--algos`` (grid ``1x1`` for one worker, else ``(N/2)x2``,
+  a row per two workers);
+- its peer (:mod:`flashtrain.bench.plain_peer`): for N > 1 a plain Ray Train v2
+  ``TorchTrainer`` + ``DistributedDataParallel`` loop as Ray's documentation shows it
+  (``prepare_data_loader``, ``prepare_model``, SGD with momentum, one report per epoch);
+  for N = 1 the same loop in one plain process, no Ray.
+
+Every system gets one CPU and ``--torch-threads`` torch threads per worker, the same
+model, image size and per-worker batch. A run's step time is the median, after the
+``--warmup`` steps, of the time between consecutive step ends (flashtrain: the last
+worker's, from ``metrics.jsonl``; the peers: rank 0's); flashtrain's slowest worker's
+split into compute (forward, backward, optimizer), exposed communication (waiting for
+the gradient all-reduce after the backward) and data wait comes beside. The summary gives
+each system's median, min and max images/s over the rounds, the ratio of the medians and
+each round's ratio (a system's run over the peer's run of the same round).
 """
 
 from __future__ import annotations
@@ -31,22 +38,25 @@ from flashtrain.topology import Grid
 
 ALGORITHMS = ("flat", "torus", "hierarchical")
 PEER = "raytrain_ddp"
+SINGLE = "plain_single_process"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m flashtrain.bench throughput",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", default="2,4",
-                        help="comma-separated worker counts (even; grid (N/2)x2), e.g. 2,4")
+    parser.add_argument("--workers", default="1,2,4",
+                        help="comma-separated worker counts (1, or even: grid (N/2)x2)")
     parser.add_argument("--model", default="resnet50", help="tiny_cnn or a torchvision model name")
-    parser.add_argument("--algos", default="flat,torus",
+    parser.add_argument("--algos", default="torus",
                         help="comma-separated, from " + ", ".join(ALGORITHMS))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per system")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds per worker count, systems interleaved in each")
     parser.add_argument("--per-worker-batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--torch-threads", type=int, default=1, help="per worker, every system")
-    parser.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} rows")
+    parser.add_argument("--no-peer", action="store_true", help="skip the peer rows")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="extra flashtrain config, e.g. "
                         "collective.overlap=false (may repeat)")
@@ -59,15 +69,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.workers = [int(n) for n in args.workers.split(",") if n]
     except ValueError:
         parser.error(f"--workers {args.workers!r}: give comma-separated integers, e.g. 2,4")
-    if not args.workers or any(n < 2 or n % 2 for n in args.workers):
-        parser.error(f"--workers {args.workers}: every count must be even and >= 2 "
-                     "(the grid is (N/2)x2)")
+    if not args.workers or any(n != 1 and (n < 2 or n % 2) for n in args.workers):
+        parser.error(f"--workers {args.workers}: every count must be 1 or even "
+                     "(the grid is 1x1 or (N/2)x2)")
     args.algos = [a for a in args.algos.split(",") if a]
     unknown = sorted(set(args.algos) - set(ALGORITHMS))
     if unknown or not args.algos:
         parser.error(f"--algos {','.join(unknown) or '(empty)'}: choose from {', '.join(ALGORITHMS)}")
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
+        parser.error("--steps, --warmup and --repeats must be >= 1")
+    if args.torch_threads != 1 and not args.no_peer:
+        parser.error("the peers run one torch thread per worker, as flashtrain's default: "
+                     "use --torch-threads 1 (or --no-peer)")
     if args.per_worker_batch < 2:
         parser.error("--per-worker-batch must be >= 2")
     return args
@@ -75,8 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def grid_for(num_workers: int) -> Grid:
     """A row per two workers: on 2 workers the torus is one row (reduce-scatter and
-    all-gather only), on 4 a 2x2 with all three phases."""
-    return Grid(num_workers // 2, 2)
+    all-gather only), on 4 a 2x2 with all three phases; one worker is a 1x1 grid."""
+    return Grid(1, 1) if num_workers == 1 else Grid(num_workers // 2, 2)
 
 
 def overrides(args: argparse.Namespace, num_workers: int, algorithm: str) -> list[str]:
@@ -98,34 +111,41 @@ def overrides(args: argparse.Namespace, num_workers: int, algorithm: str) -> lis
     ]
 
 
+def wall_step_seconds(ends: list[float], warmup: int) -> list[float]:
+    """The time between consecutive step ends, for the steps after ``warmup``."""
+    return [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:], strict=False)]
+
+
 def summarize_steps(records: list[dict], warmup: int) -> dict:
     """Medians over the step records after ``warmup``."""
-    steps = [r for r in records if r.get("kind") == "step"][warmup:]
+    all_steps = [r for r in records if r.get("kind") == "step"]
+    steps = all_steps[warmup:]
     if not steps:
         raise RuntimeError("the run wrote no step records after the warm-up")
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in steps)
 
-    step_s = median("step_seconds")
-    return {"steps": len(steps), "step_s": step_s, "sync_s": median("sync_seconds"),
-            "compute_s": median("compute_seconds"),
+    step_s = statistics.median(wall_step_seconds([r["time"] for r in all_steps], warmup))
+    return {"steps": len(steps), "step_s": step_s, "worker_step_s": median("step_seconds"),
+            "sync_s": median("sync_seconds"), "compute_s": median("compute_seconds"),
             "comm_exposed_s": median("comm_exposed_seconds"),
             "data_wait_s": median("data_wait_seconds"),
             "comm_exposed_share": statistics.median(r["comm_exposed_seconds"] / r["step_seconds"]
                                                     for r in steps),
-            "images_per_sec": median("images_per_sec"), "global_batch": steps[0]["global_batch"]}
+            "images_per_sec": steps[0]["global_batch"] / step_s,
+            "global_batch": steps[0]["global_batch"]}
 
 
 def run_flashtrain(args: argparse.Namespace, num_workers: int, algorithm: str,
-                   workdir: Path) -> dict:
+                   workdir: Path, repeat: int) -> dict:
     """One Trainer run with ``algorithm``; its step records summarized. The run directory
     (``metrics.jsonl``, ``step_split.png``) is kept under ``workdir``."""
     from flashtrain.config import load_config
     from flashtrain.driver.trainer import Trainer
 
     config = load_config(None, overrides(args, num_workers, algorithm))
-    run_dir = workdir / f"{algorithm}-{num_workers}"
+    run_dir = workdir / f"{algorithm}-{num_workers}-{repeat}"
     run_dir.mkdir(parents=True)
     trainer = Trainer(config, run_dir, workdir / "cache", say=lambda message: None)
     began = time.perf_counter()
@@ -134,72 +154,111 @@ def run_flashtrain(args: argparse.Namespace, num_workers: int, algorithm: str,
     finally:
         trainer.close()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"system": f"flashtrain_{algorithm}", "workers": num_workers,
+    return {"system": f"flashtrain_{algorithm}", "workers": num_workers, "repeat": repeat,
             "grid": str(grid_for(num_workers)), **summarize_steps(records, args.warmup),
             "overlap": config.collective.overlap, "bucket_mb": config.collective.bucket_mb,
             "run_wall_s": time.perf_counter() - began, "run_dir": str(run_dir)}
 
 
-def run_peer(args: argparse.Namespace, num_workers: int, workdir: Path) -> dict:
-    """Ray Train v2 + DDP on the configuration flashtrain's torus run used, stopped after
-    the same number of steps."""
-    from flashtrain.bench.raytrain_peer import STOP_MARKER, run_raytrain
+def peer_name(num_workers: int) -> str:
+    return SINGLE if num_workers == 1 else PEER
+
+
+def run_peer(args: argparse.Namespace, num_workers: int, workdir: Path, repeat: int) -> dict:
+    """The plain loop on the same model, data, batch and threads, for as many steps."""
+    from flashtrain.bench import plain_peer
     from flashtrain.config import load_config
 
-    config = load_config(None, overrides(args, num_workers, "torus"))
-    if args.torch_threads != 1:
-        raise SystemExit("the Ray Train peer runs one torch thread per worker: use "
-                         "--torch-threads 1 (or --no-peer)")
-    peer_dir = workdir / f"{PEER}-{num_workers}"
-    peer_dir.mkdir(parents=True)
+    data = load_config(None, overrides(args, num_workers, "torus")).data
     total_steps = args.warmup + args.steps
-    (peer_dir / STOP_MARKER).write_text(json.dumps({"at_step": total_steps}))
+    spec = {"model": args.model, "samples": args.per_worker_batch * num_workers * total_steps,
+            "image_size": args.image_size, "seed": data.seed, "batch": args.per_worker_batch,
+            "torch_threads": args.torch_threads, "loader_workers": 0, "epochs": 1}
     began = time.perf_counter()
-    outcome = run_raytrain(config, workdir=peer_dir, data_cache=workdir / "cache",
-                           num_workers=num_workers, min_workers=num_workers,
-                           cpus_per_worker=1.0, kill_at_step=None,
-                           min_tail=config.data.min_samples_per_worker * num_workers,
-                           max_failures=0)
-    if outcome["error"]:
-        raise RuntimeError(f"Ray Train run failed: {outcome['error']}")
-    ends = [r["time"] for r in outcome["timeline"] if r["kind"] in ("start", "step")]
-    step_times = [b - a for a, b in zip(ends, ends[1:], strict=False)][args.warmup:]
+    if num_workers == 1:
+        ends = plain_peer.run_single_process(spec)
+    else:
+        storage = workdir / f"{PEER}-{num_workers}-{repeat}"
+        ends = plain_peer.run_ray_train(spec, num_workers, str(storage.resolve()))
+    step_times = wall_step_seconds(ends, args.warmup)
     if not step_times:
-        raise RuntimeError("the Ray Train run recorded no steps after the warm-up")
+        raise RuntimeError(f"{peer_name(num_workers)} recorded no steps after the warm-up")
     step_s = statistics.median(step_times)
     global_batch = args.per_worker_batch * num_workers
-    return {"system": PEER, "workers": num_workers, "grid": None, "steps": len(step_times),
-            "step_s": step_s, "images_per_sec": global_batch / step_s,
-            "global_batch": global_batch, "run_wall_s": time.perf_counter() - began}
+    return {"system": peer_name(num_workers), "workers": num_workers, "repeat": repeat,
+            "grid": None, "steps": len(step_times), "step_s": step_s,
+            "images_per_sec": global_batch / step_s, "global_batch": global_batch,
+            "run_wall_s": time.perf_counter() - began}
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """images/s against Ray Train + DDP at the same worker count."""
-    peers = {r["workers"]: r for r in rows if r["system"] == PEER}
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per worker count and system: median, min and max images/s over the rounds, the
+    medians of the split, and the ratio of the medians against the peer."""
+    keys = list(dict.fromkeys((r["workers"], r["system"]) for r in runs))
+    rows = []
+    for workers, system in keys:
+        mine = [r for r in runs if (r["workers"], r["system"]) == (workers, system)]
+        ips = [r["images_per_sec"] for r in mine]
+        row = {"workers": workers, "system": system, "grid": mine[0]["grid"],
+               "repeats": len(mine), "images_per_sec": statistics.median(ips),
+               "images_per_sec_min": min(ips), "images_per_sec_max": max(ips),
+               "step_s": statistics.median(r["step_s"] for r in mine)}
+        for key in ("compute_s", "comm_exposed_s", "comm_exposed_share", "data_wait_s"):
+            if key in mine[0]:
+                row[key] = statistics.median(r[key] for r in mine)
+        rows.append(row)
+    peers = {r["workers"]: r for r in rows if r["system"] in (PEER, SINGLE)}
     for row in rows:
         peer = peers.get(row["workers"])
-        row["vs_raytrain"] = row["images_per_sec"] / peer["images_per_sec"] if peer else None
+        row["vs_peer"] = row["images_per_sec"] / peer["images_per_sec"] if peer else None
+        row["vs_peer_rounds"] = _round_ratios(runs, row) if peer else None
+    return rows
+
+
+def _round_ratios(runs: list[dict], row: dict) -> list[float]:
+    """Each round's run of ``row``'s system over the peer's run of the same round (the
+    pairs that shared the machine's load most closely)."""
+    def speeds(systems) -> dict:
+        return {r["repeat"]: r["images_per_sec"] for r in runs
+                if r["workers"] == row["workers"] and r["system"] in systems}
+
+    mine, peer = speeds((row["system"],)), speeds((PEER, SINGLE))
+    return [mine[k] / peer[k] for k in sorted(mine) if k in peer]
 
 
 def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"{args.model}, {args.per_worker_batch} images per worker, {args.image_size}px "
-             f"synthetic, {args.torch_threads} torch thread(s) per worker, medians of "
-             f"{args.steps} steps after {args.warmup} warm-up, {os.cpu_count()} cores",
-             f"{'workers':>7} {'system':<18}{'img/s':>8}{'step s':>9}{'compute s':>11}"
-             f"{'exposed s':>11}{'exposed %':>11}{'data s':>8}{'vs RayTrain':>13}"]
+             f"synthetic, {args.torch_threads} torch thread(s) per worker, {args.steps} steps "
+             f"after {args.warmup} warm-up per run, {args.repeats} interleaved rounds, "
+             f"{os.cpu_count()} cores",
+             f"{'workers':>7} {'system':<21}{'img/s med':>10}{'min':>8}{'max':>8}{'step s':>8}"
+             f"{'compute s':>10}{'exposed s':>10}{'exposed':>8}{'data s':>8}{'vs peer':>9}"
+             "  per round"]
     for r in rows:
-        ratio = f"{r['vs_raytrain']:.2f}x" if r["vs_raytrain"] else "-"
+        ratio = f"{r['vs_peer']:.3f}x" if r["vs_peer"] else "-"
+        rounds = " ".join(f"{x:.2f}" for x in r["vs_peer_rounds"] or [])
 
         def cell(key: str, width: int, fmt: str, row=r) -> str:
             return f"{format(row[key], fmt):>{width}}" if key in row else f"{'-':>{width}}"
 
-        share = (f"{r['comm_exposed_share']:>11.1%}" if "comm_exposed_share" in r
-                 else f"{'-':>11}")
-        lines.append(f"{r['workers']:>7} {r['system']:<18}{r['images_per_sec']:>8.1f}"
-                     f"{r['step_s']:>9.3f}{cell('compute_s', 11, '.3f')}"
-                     f"{cell('comm_exposed_s', 11, '.3f')}{share}{cell('data_wait_s', 8, '.3f')}"
-                     f"{ratio:>13}")
+        lines.append(f"{r['workers']:>7} {r['system']:<21}{r['images_per_sec']:>10.1f}"
+                     f"{r['images_per_sec_min']:>8.1f}{r['images_per_sec_max']:>8.1f}"
+                     f"{r['step_s']:>8.3f}{cell('compute_s', 10, '.3f')}"
+                     f"{cell('comm_exposed_s', 10, '.3f')}{cell('comm_exposed_share', 8, '.1%')}"
+                     f"{cell('data_wait_s', 8, '.3f')}{ratio:>9}  {rounds}")
     return "\n".join(lines)
+
+
+def run_round(args: argparse.Namespace, num_workers: int, workdir: Path, repeat: int) -> list:
+    """One run of every system, in a fixed order."""
+    runs = [run_flashtrain(args, num_workers, algorithm, workdir, repeat)
+            for algorithm in args.algos]
+    if not args.no_peer:
+        runs.append(run_peer(args, num_workers, workdir, repeat))
+    for run in runs:
+        print(f"  round {repeat} {run['workers']} worker(s) {run['system']}: "
+              f"{run['images_per_sec']:.1f} img/s", file=sys.stderr, flush=True)
+    return runs
 
 
 def main(argv: list[str]) -> int:
@@ -208,7 +267,7 @@ def main(argv: list[str]) -> int:
     if "--gpu" in argv:  # one GPU: the worker against a plain PyTorch loop
         return __import__("flashtrain.bench.gpu_throughput", fromlist=["main"]).main(argv)
     args = parse_args(argv)
-    rows = []
+    runs = []
     if args.keep_runs:
         Path(args.keep_runs).mkdir(parents=True, exist_ok=True)
     with (contextlib.nullcontext(args.keep_runs) if args.keep_runs
@@ -218,22 +277,20 @@ def main(argv: list[str]) -> int:
             ray.init(address="local", num_cpus=num_workers + 1, include_dashboard=False,
                      log_to_driver=False)
             try:
-                for algorithm in args.algos:
-                    rows.append(run_flashtrain(args, num_workers, algorithm, Path(workdir)))
-                if not args.no_peer:
-                    rows.append(run_peer(args, num_workers, Path(workdir)))
+                for repeat in range(args.repeats):
+                    runs.extend(run_round(args, num_workers, Path(workdir), repeat))
             finally:
                 ray.shutdown()
-        add_ratios(rows)
+        rows = summarize(runs)
         print(format_table(rows, args))
         if args.json:
             meta = {"workers": args.workers, "model": args.model,
                     "per_worker_batch": args.per_worker_batch, "image_size": args.image_size,
-                    "steps": args.steps, "warmup": args.warmup,
+                    "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                     "torch_threads": args.torch_threads, "overrides": args.overrides,
-                    "cpu_count": os.cpu_count()}
+                    "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
             with open(args.json, "w") as handle:
-                json.dump({"meta": meta, "results": rows}, handle, indent=2)
+                json.dump({"meta": meta, "summary": rows, "runs": runs}, handle, indent=2)
     return 0
 
 

@@ -74,6 +74,9 @@ class OverlappedSynchronizer(GradientSynchronizer):
         self._ready_events: list = [None] * len(self.buckets)
         self._done_event = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._hooks = []
+        if self.identity:  # one worker: nothing to overlap, so no thread and no hooks
+            return
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name=f"grad-allreduce-{comm.world_group}")
         self._thread.start()
@@ -85,6 +88,8 @@ class OverlappedSynchronizer(GradientSynchronizer):
     def begin(self, op: str = "sum") -> None:
         """Arm the hooks for the backward that follows (every bucket waits for its
         gradients, then all-reduces with ``op``)."""
+        if self.identity:
+            return
         with self._changed:
             # The previous step is over unless it failed; a failed step's thread may still
             # sit in a collective bounded by the timeout.
@@ -109,6 +114,9 @@ class OverlappedSynchronizer(GradientSynchronizer):
 
     def sync(self, op: str = "sum") -> None:
         """Launch the buckets no hook made ready, then wait for every bucket."""
+        if self.identity:
+            super().sync(op)
+            return
         # Not ``_running``: the thread may already have finished every bucket (all made
         # ready by hooks) before this call, and must not reduce them a second time.
         if not self._step_open:
@@ -143,7 +151,8 @@ class OverlappedSynchronizer(GradientSynchronizer):
         self.cancel()
         if busy:
             abort_grid(self.comm, "the worker left the grid")
-        self._jobs.put(None)
+        if not self.identity:
+            self._jobs.put(None)
 
     @property
     def in_flight(self) -> bool:

@@ -134,7 +134,7 @@ class Worker:
         images, labels = self._next_batch(plan)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
-        loss_sum, correct = 0.0, 0
+        loss, correct = None, None
         data_ready = time.perf_counter()
         # An injected death "in the all-reduce" happens before any bucket leaves: with
         # overlap the buckets go during the backward, and a death after them would let
@@ -152,8 +152,8 @@ class Worker:
                 # Weight b_r / B: summing the weighted local means over workers gives the
                 # mean over the global batch, however unevenly it was split.
                 self.scaler.scale(loss * (len(labels) / plan.batch)).backward()
-                loss_sum = float(loss.detach()) * len(labels)
-                correct = int((logits.argmax(1) == labels).sum())
+                # Kept on the device: read once, after the optimizer (no sync mid-step).
+                correct = (logits.detach().argmax(1) == labels).sum()
         except collective.CollectiveError:
             self.leave()  # a bucket's all-reduce failed in the backward: as after sync below
             raise
@@ -182,6 +182,7 @@ class Worker:
             self.leave()  # as after the gradient sync above
             raise
         stepped = time.perf_counter()
+        loss_sum, correct = _read_metrics(loss, correct, len(labels))
         return StepResult(plan.global_step, self.rank, len(labels), loss_sum, correct,
                           compute_s=(computed - data_ready) + (stepped - synced),
                           sync_s=self._sync.comm_seconds, skipped=self._step_skipped,
@@ -399,6 +400,17 @@ class Worker:
 
     def ping(self) -> bool:
         return True
+
+
+def _read_metrics(loss: torch.Tensor | None, correct: torch.Tensor | None,
+                  count: int) -> tuple[float, int]:
+    """The step's loss sum and correct count as Python numbers: one device-to-host read
+    for both (on a GPU the step's only sync besides fp16's overflow vote and the
+    exposed-communication timer)."""
+    if loss is None:
+        return 0.0, 0
+    mean, hits = torch.stack([loss.detach().float(), correct.float()]).tolist()
+    return mean * count, int(hits)
 
 
 def _grid_backend(config: FlashtrainConfig) -> str:
