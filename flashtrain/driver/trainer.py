@@ -173,13 +173,14 @@ class Trainer:
         self._write_outputs(summary)
         return summary
 
-    def _take_start(self, durable: bool, attempts: int = 3) -> None:
+    def _take_start(self, durable: bool) -> None:
         """Commit the starting state on every member and, for a fresh run, write it
         durably (if every worker is lost before the first periodic checkpoint, the run
         restarts from here). A member lost meanwhile re-forms the grid like a failed
-        step, and the start is taken again (simulation seed 8 on 2x2: a death in the
-        first checkpoint used to crash the run)."""
-        for _ in range(attempts):
+        step, and the start is taken again, as often as ``elastic.max_reforms`` allows
+        (simulation seeds 8 on 2x2 and 1364 on 3x2: a death in the first checkpoint
+        crashed the run, then three in a row ended it)."""
+        while True:
             try:
                 self.controller.commit(self.clock)
                 if durable:
@@ -187,7 +188,6 @@ class Trainer:
                 return
             except self.member_failures as err:
                 self._recover(_as_failure(err, step=self.clock.state()["global_step"]))
-        raise ElasticAbort(f"could not commit the starting state in {attempts} attempts")
 
     def _datasets(self):
         """The run's datasets (only their sizes and skipped files are used here)."""
