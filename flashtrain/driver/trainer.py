@@ -3,7 +3,10 @@
 ``Trainer.train()`` reads like the run: start (or resume) -> loop over steps -> at
 epoch ends validate -> checkpoint -> summary and plots. Membership changes are handed
 to the elastic controller (:mod:`flashtrain.elastic.controller`), which re-forms the
-grid and returns; the loop itself never special-cases a resize.
+grid and returns; the loop itself never special-cases a resize. Workers, the schedule
+clock and time are reached only through a
+:class:`~flashtrain.elastic.worker_group.WorkerGroup` (Ray actors in the product,
+simulated members in :mod:`flashtrain.sim`).
 """
 
 from __future__ import annotations

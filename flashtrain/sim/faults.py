@@ -50,6 +50,8 @@ class Fault:
     pick: float
     where: float
     returns_after_s: float | None = None
+    at_step: int | None = None  # instead of ``nth``/``where``: in this global step
+
 
     @property
     def moment(self) -> str:
@@ -57,6 +59,8 @@ class Fault:
 
     def describe(self) -> str:
         back = "" if self.returns_after_s is None else f", back after {self.returns_after_s:.0f}s"
+        if self.at_step is not None:
+            return f"{self.kind}@step{self.at_step} pick={self.pick:.3f}{back}"
         return f"{self.kind}@{self.moment}#{self.nth} pick={self.pick:.3f} where={self.where:.3f}{back}"
 
 
@@ -86,8 +90,18 @@ class FaultPlan:
     def at(self, moment: str, now: float) -> list[Fault]:
         """The faults due at this occurrence of ``moment``."""
         self.counts[moment] = self.counts.get(moment, 0) + 1
-        due = [f for f in self.faults if f.moment == moment and f.nth == self.counts[moment]]
+        due = [f for f in self.faults if f.moment == moment and f.at_step is None
+               and f.nth == self.counts[moment]]
         for fault in due:
+            self.faults.remove(fault)
+            self.fired.append((now, fault))
+        return due
+
+    def in_steps(self, steps: list[int], now: float) -> list[tuple[int, Fault]]:
+        """The step-pinned faults due in a window of ``steps``: (index in it, fault)."""
+        due = [(steps.index(f.at_step), f) for f in self.faults
+               if f.at_step is not None and f.at_step in steps]
+        for _, fault in due:
             self.faults.remove(fault)
             self.fired.append((now, fault))
         return due

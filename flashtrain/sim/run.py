@@ -134,6 +134,15 @@ def run_seed(seed: int, grid: Grid, faults_per_run: int = 2, costs: SimCosts = P
     faults instead of the seed's)."""
     config, num_samples = sim_config(grid, tuple(overrides), epochs, steps_per_epoch)
     plan = plan if plan is not None else FaultPlan(schedule_for(seed, faults_per_run))
+    return run_config(config, num_samples, grid, costs, plan, seed=seed, horizon_s=horizon_s,
+                      keep_trace=keep_trace)
+
+
+def run_config(config: FlashtrainConfig, num_samples: int, grid: Grid, costs: SimCosts,
+               plan: FaultPlan, *, seed: int = 0, horizon_s: float = 7200.0,
+               keep_trace: bool = True) -> SimRecord:
+    """Simulate a run of ``config`` over ``num_samples`` samples with ``plan``'s faults
+    (the grid's nodes hold its rows) and check the invariants."""
     record = SimRecord(seed, str(grid), [f.describe() for f in plan.faults])
     group = SimWorkerGroup(config, costs, plan, nodes=grid.rows, slots=grid.cols,
                            horizon_s=horizon_s, trace=keep_trace)

@@ -101,9 +101,12 @@ class WindowSim:
     def _hits(self, members: list, plans: list, commit: bool, fanout: int) -> _Hit | None:
         g = self.g
         faults = g.plan.at("window", g.t) + (g.plan.at("commit_window", g.t) if commit else [])
+        due = g.plan.in_steps([p.global_step for p in plans], g.t)
+        pinned = {id(f): index for index, f in due}
+        faults += [f for _, f in due]
         hits = []
         for fault in faults:
-            index = min(int(fault.where * len(plans)), len(plans) - 1)
+            index = pinned.get(id(fault), min(int(fault.where * len(plans)), len(plans) - 1))
             victim = g._pick(fault.pick, members)
             if victim is None:
                 continue
