@@ -42,8 +42,9 @@ import ray
 from flashtrain.config import load_config
 from flashtrain.driver.progress import Progress
 from flashtrain.driver.trainer import Trainer
-from flashtrain.elastic.controller import ElasticController, GridState
-from flashtrain.elastic.membership import Member
+from flashtrain.elastic.controller import ElasticController
+from flashtrain.elastic.ray_group import RayWorkerGroup
+from flashtrain.elastic.worker_group import Member
 from flashtrain.topology import Grid
 from flashtrain.train.clock import StepPlan, StepResult, TrainingClock
 from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay, tree_depth
@@ -164,14 +165,14 @@ def measure(stubs: list, size: int, mode: str, args: argparse.Namespace,
         "schedule.warmup_epochs=0",
         f"schedule.phases=[{{start_epoch: 0, global_batch: {global_batch}}}]"])
     run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix=f"n{size}-"))
-    trainer = Trainer(config, run_dir, workdir, say=lambda *_: None)
-    controller = ElasticController(config, workdir, trainer.metrics, say=lambda *_: None)
-    controller.state = GridState(grid, 0, [Member(s, "stub", None, 0) for s in stubs[:size]])
-    controller.target = grid
+    group = RayWorkerGroup(config, str(workdir))
+    trainer = Trainer(config, run_dir, workdir, say=lambda *_: None, group=group)
+    controller = ElasticController(config, group, trainer.metrics, say=lambda *_: None)
+    controller.adopt(grid, [Member(s, "stub", None, 0) for s in stubs[:size]])
     trainer.controller = controller
     trainer._start_clock(TrainingClock(num_samples=global_batch * args.steps, seed=0,
                                        min_tail=0).state_dict())
-    ray.get(trainer.clock.state.remote())  # the clock actor's process has started
+    trainer.clock.state()  # the clock actor's process has started
     ray.get([s.take_calls.remote() for s in stubs[:size]])
     wall, cpu = time.perf_counter(), time.process_time()
     trainer._loop(Progress(args.steps, 0, enabled=False))
@@ -182,7 +183,7 @@ def measure(stubs: list, size: int, mode: str, args: argparse.Namespace,
     relayed = bool(fanout) and size > fanout
     driver_calls = counts[0][1] if relayed else sum(c for c, _ in counts)
     trainer.metrics.close()
-    ray.kill(trainer.clock, no_restart=True)
+    trainer.clock.close()
     return {"workers": size, "mode": mode, "ms_per_step": 1000 * wall / args.steps,
             "driver_cpu_ms_per_step": 1000 * cpu / args.steps,
             "driver_calls_per_step": driver_calls / args.steps,

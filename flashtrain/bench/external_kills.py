@@ -72,7 +72,7 @@ def run_flashtrain(args: argparse.Namespace, config, workdir: Path) -> dict:
 
         def victims() -> dict[str, int]:
             controller = getattr(trainer, "controller", None)
-            if controller is None or not hasattr(controller, "state"):
+            if controller is None:
                 return {}
             members = {m.actor._actor_id.hex() for m in controller.state.members}
             return alive_actor_pids("Worker", members)

@@ -3,23 +3,22 @@
 ``Trainer.train()`` reads like the run: start (or resume) -> loop over steps -> at
 epoch ends validate -> checkpoint -> summary and plots. Membership changes are handed
 to the elastic controller (:mod:`flashtrain.elastic.controller`), which re-forms the
-grid and returns; the loop itself never special-cases a resize.
+grid and returns; the loop itself never special-cases a resize. Workers, the schedule
+clock and time are reached only through a
+:class:`~flashtrain.elastic.worker_group.WorkerGroup` (Ray actors in the product,
+simulated members in :mod:`flashtrain.sim`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flashtrain.config import FlashtrainConfig
 from flashtrain.driver.progress import Progress
 from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridLost, StepFailed
+from flashtrain.elastic.worker_group import Clock, WorkerGroup
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
 from flashtrain.train.checkpoint import (
@@ -28,11 +27,10 @@ from flashtrain.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from flashtrain.train.clock import ScheduleActor, StepPlan, TrainingClock, plan_window
+from flashtrain.train.clock import StepPlan, TrainingClock, plan_window
 from flashtrain.train.data import build_datasets
 from flashtrain.train.metrics import MetricsWriter, read_metrics, write_summary
 from flashtrain.train.plots import write_plots
-from flashtrain.train.relay import window_step_of
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +93,6 @@ def max_grid_workers(config: FlashtrainConfig, initial_workers: int) -> int:
     return max(sizes)
 
 
-_MEMBER_FAILURES = (StepFailed, RayActorError, RayTaskError, GetTimeoutError)
-
-
 def _step_split(results: list) -> dict:
     """compute / exposed communication / data wait seconds of the step's slowest rank."""
     slowest = max(results, key=lambda r: r.compute_s + r.comm_exposed_s + r.data_wait_s)
@@ -116,52 +111,46 @@ def _finished_at(results: list) -> float:
     return max(r.finished_at for r in results)
 
 
-def _window_reached(refs: list, plans: list[StepPlan]) -> list[int]:
-    """How far each settled call of a failed window got: the step its error names, or,
-    for a member that finished the whole window (the failure was a member dying after
-    the window's last collective, in its optimizer step or its commit), the position
-    after the window."""
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-    reached = []
-    for ref in ready:
-        try:
-            ray.get(ref, timeout=0)
-            reached.append(plans[-1].global_step + 1)
-        except Exception as err:  # noqa: BLE001 - only its step is wanted
-            step = window_step_of(err)
-            if step is not None:
-                reached.append(step)
-    return reached
-
-
 class Trainer:
     """Owns one run: the clock actor, the grid (through the controller), the run dir."""
 
     def __init__(self, config: FlashtrainConfig, run_dir: Path, data_cache: Path,
-                 resume: bool = False, say=print, cluster=None):
+                 resume: bool = False, say=print, cluster=None, group: WorkerGroup | None = None):
         self.config = config
         self.run_dir = run_dir
         self.data_cache = data_cache
         self.resume = resume
         self.say = say
-        self.metrics = MetricsWriter(run_dir, tensorboard=config.runtime.tensorboard)
         self.checkpoint_dir = run_dir / "checkpoints"
         self.totals = RunTotals()
         self.timeout = config.runtime.remote_timeout_s
         self.cluster = cluster  # an emulated multi-node cluster, for node faults
+        # How the driver reaches the workers, the clock and time (default: Ray actors).
+        self.group = group if group is not None else self._ray_group()
+        self.metrics = MetricsWriter(run_dir, clock=self.group.wall,
+                                     tensorboard=config.runtime.tensorboard)
+        # Everything a member's call may raise when the grid could not finish.
+        self.member_failures = (StepFailed, *self.group.failures)
+        self.controller: ElasticController | None = None
+        self.clock: Clock | None = None
         # What the driver is doing now (step, commit, validate, checkpoint, reform): read
         # by benchmarks that kill workers from outside, to report where each kill landed.
         self.activity = "start"
         # Set (from any thread) to end the run cleanly before this global step.
         self.stop_at_step: int | None = None
 
+    def _ray_group(self) -> WorkerGroup:
+        from flashtrain.elastic.ray_group import RayWorkerGroup  # the product's workers
+
+        return RayWorkerGroup(self.config, str(self.data_cache))
+
     # -- the run -------------------------------------------------------------------------
 
     def train(self) -> dict:
-        started = time.perf_counter()
-        datasets = build_datasets(self.config.data, self.data_cache)
+        started = self.group.now()
+        datasets = self._datasets()
         num_samples = len(datasets.train)
-        self.controller = ElasticController(self.config, self.data_cache, self.metrics, self.say,
+        self.controller = ElasticController(self.config, self.group, self.metrics, self.say,
                                             cluster=self.cluster)
         state = self.controller.start()
         min_tail = self.config.data.min_samples_per_worker * max_grid_workers(
@@ -170,11 +159,7 @@ class Trainer:
         self._start_clock(clock_state)
         if payload is not None:
             self.controller.load_state(payload)
-        self.controller.commit(self.clock)
-        if payload is None:
-            # A durable starting point from the first step on: if every worker is lost
-            # before the first periodic checkpoint, the run restarts from here.
-            self._checkpoint()
+        self._take_start(durable=payload is None)
         self.metrics.event("start", grid=str(state.grid), dataset_train_size=num_samples,
                            skipped_files=datasets.skipped_files, resumed=payload is not None,
                            global_step=clock_state["global_step"])
@@ -187,22 +172,40 @@ class Trainer:
             raise
         finally:
             progress.close()
-        summary = self._summary(datasets, num_samples, time.perf_counter() - started, final)
+        summary = self._summary(datasets, num_samples, self.group.now() - started, final)
+        self._write_outputs(summary)
+        return summary
+
+    def _take_start(self, durable: bool) -> None:
+        """Commit the starting state on every member and, for a fresh run, write it
+        durably (if every worker is lost before the first periodic checkpoint, the run
+        restarts from here). A member lost meanwhile re-forms the grid like a failed
+        step, and the start is taken again, as often as ``elastic.max_reforms`` allows
+        (simulation seeds 8 on 2x2 and 1364 on 3x2: a death in the first checkpoint
+        crashed the run, then three in a row ended it)."""
+        while True:
+            try:
+                self.controller.commit(self.clock)
+                if durable:
+                    self._checkpoint()
+                return
+            except self.member_failures as err:
+                self._recover(_as_failure(err, step=self.clock.state()["global_step"]))
+
+    def _datasets(self):
+        """The run's datasets (only their sizes and skipped files are used here)."""
+        return build_datasets(self.config.data, self.data_cache)
+
+    def _write_outputs(self, summary: dict) -> None:
         write_summary(self.run_dir, summary)
         write_plots(self.run_dir)
         self.metrics.close()
-        return summary
 
     def _start_clock(self, clock_state: dict) -> None:
-        """(Re)start the schedule actor at ``clock_state`` (its committed position too)."""
-        old = getattr(self, "clock", None)
-        if old is not None:
-            ray.kill(old, no_restart=True)
-        # The clock lives on the driver's node: it must outlive any worker node (a
-        # zero-CPU actor could otherwise land on a node that later leaves).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.clock = ScheduleActor.options(scheduling_strategy=here).remote(
-            self.config.schedule, clock_state)
+        """(Re)start the schedule clock at ``clock_state`` (its committed position too)."""
+        if self.clock is not None:
+            self.clock.close()
+        self.clock = self.group.start_clock(self.config.schedule, clock_state, self.timeout)
 
     def _train_to_the_end(self, progress: Progress) -> dict:
         """The step loop, then the final validation and checkpoint. A member lost in those
@@ -216,17 +219,15 @@ class Trainer:
                 self.activity = "checkpoint"
                 self._checkpoint()
                 return final
-            except _MEMBER_FAILURES as err:
-                position = ray.get(self.clock.state.remote(), timeout=self.timeout)["global_step"]
+            except self.member_failures as err:
+                position = self.clock.state()["global_step"]
                 self._recover(_as_failure(err, step=position))
 
     def close(self) -> None:
-        controller = getattr(self, "controller", None)
-        if controller is not None:
-            controller.shutdown()
-        clock = getattr(self, "clock", None)
-        if clock is not None:
-            ray.kill(clock, no_restart=True)
+        if self.controller is not None:
+            self.controller.shutdown()
+        if self.clock is not None:
+            self.clock.close()
 
     def _loop(self, progress: Progress) -> None:
         """Train window by window (see :meth:`_next_window`) until the schedule, the step
@@ -241,18 +242,18 @@ class Trainer:
                 self.activity = "step"
                 self.controller.before_step(first, self.clock)
                 results = self._train_window(plans, commit)
-            except _MEMBER_FAILURES as err:
+            except self.member_failures as err:
                 self._recover(self._window_failure(err, plans))
                 continue
             try:
-                ray.get(self.clock.advance_window.remote(plans), timeout=self.timeout)
+                self.clock.advance_window(plans)
                 self.controller.after_step(first, finished_at=_finished_at(results[0]))
                 for plan, step_results in zip(plans, results, strict=True):
                     self._record_step(plan, step_results, progress)
                 if commit:  # every member committed at the end of its window
                     self.activity = "commit"
                     self.controller.members_committed(self.clock)  # may grow the grid
-            except _MEMBER_FAILURES as err:
+            except self.member_failures as err:
                 # The window is trained and recorded: a member lost from here on (forming
                 # a bigger grid at the commit) fails at the clock's position after it.
                 self._recover(_as_failure(err, step=step_done))
@@ -264,7 +265,7 @@ class Trainer:
                 if step_done % cfg.checkpoint.every_steps == 0:
                     self.activity = "checkpoint"
                     self._checkpoint()
-            except _MEMBER_FAILURES as err:
+            except self.member_failures as err:
                 # A member lost while validating or checkpointing: re-form like after a
                 # failed step (training state is committed at every epoch end).
                 self._recover(_as_failure(err, step=step_done))
@@ -275,7 +276,7 @@ class Trainer:
         one step), ending before a step that has a fault to inject. Empty when training is
         over, at ``runtime.max_steps`` or at a requested stop."""
         cfg = self.config
-        state = ray.get(self.clock.state.remote(), timeout=self.timeout)
+        state = self.clock.state()
         stop = self.stop_at_step
         caps = [c for c in (cfg.runtime.max_steps, stop) if c is not None]
         plans = plan_window(state, cfg.schedule, ends_after=self._window_ends_after,
@@ -301,16 +302,11 @@ class Trainer:
             faults.remove_node_at_steps, faults.add_node_at_steps))
 
     def _window_failure(self, err: BaseException, plans: list[StepPlan]) -> StepFailed:
-        """The failure of a window, placed at the step it ended in: the survivors' errors
-        carry it (``window_step``, from :meth:`Worker.train_window`), a dead worker's does
-        not, and a survivor that finished the window places it after the window (see
-        :func:`_window_reached`). Records the steps trained and lost since it began."""
+        """The failure of a window, placed at the step it ended in: the furthest any
+        member got (the controller reads it from the members' answers, see
+        :meth:`ElasticController.run_window`). Records the steps trained and lost."""
         failure = _as_failure(err, step=plans[0].global_step)
-        if failure.pending:  # the survivors return at once: their collectives were aborted
-            ray.wait(failure.pending, num_returns=len(failure.pending),
-                     timeout=self.config.collective.timeout_s)
-        reached = (failure.reached if failure.reached is not None
-                   else _window_reached(failure.pending, plans))
+        reached = failure.reached or []
         step = max(reached, default=plans[0].global_step)
         self.metrics.event("window_lost", first_step=plans[0].global_step, failed_step=step,
                            last_step=plans[-1].global_step,
@@ -332,7 +328,7 @@ class Trainer:
                 self.say(f"re-forming failed ({type(err.cause).__name__}), attempt "
                          f"{attempt + 1} of {attempts}")
                 failure = StepFailed(None, err.cause, err.pending, step=failure.step)
-            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            except self.group.failures as err:
                 self.say(f"re-forming failed ({type(err).__name__}), attempt {attempt + 1} "
                          f"of {attempts}")
                 failure = StepFailed(None, err, step=failure.step)
@@ -341,11 +337,11 @@ class Trainer:
     def _restart_from_checkpoint(self, failure: StepFailed) -> None:
         """Every worker was lost: the clock and a fresh grid continue from the newest
         durable checkpoint (waiting, bounded, for workers to start)."""
-        path = latest_checkpoint(self.checkpoint_dir)
+        path = self._latest_checkpoint()
         if path is None:
             raise ElasticAbort(f"{failure}: every worker was lost and {self.checkpoint_dir} "
                                "holds no valid checkpoint to restart from") from failure.cause
-        payload = load_checkpoint(path)
+        payload = self._load_checkpoint(path)
         clock = payload["clock"]
         self.say(f"every worker was lost ({failure}); restarting the grid from {path.name} "
                  f"(global step {clock['global_step']})")
@@ -404,7 +400,7 @@ class Trainer:
                   "top5": sum(c["top5"] for c in counts) / total,
                   "val_loss": sum(c["loss_sum"] for c in counts) / total,
                   "val_skipped": sum(c.get("skipped", 0) for c in counts)}
-        clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
+        clock = self.clock.state()
         if not final:
             self.metrics.epoch(epoch=epoch, samples=clock["samples_per_epoch"][epoch], **result)
             self.say(f"epoch {epoch}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
@@ -413,15 +409,26 @@ class Trainer:
         return result
 
     def _checkpoint(self) -> Path:
-        clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
-        actors = self.controller.state.actors
+        clock = self.clock.state()
+        members = self.controller.state.members
         self.controller.run_on_grid("average_buffers", step=clock["global_step"])
-        state = ray.get(actors[0].state.remote(), timeout=self.timeout)
-        path = save_checkpoint(self.checkpoint_dir, clock["global_step"],
-                               self._payload(state, clock))
-        prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep)
+        state = self.group.call(members[0], "state", timeout=self.timeout)
+        path = self._save_checkpoint(clock["global_step"], self._payload(state, clock))
         self.metrics.event("checkpoint", path=str(path), global_step=clock["global_step"])
         return path
+
+    # Durable checkpoints (the simulator keeps them in memory).
+
+    def _save_checkpoint(self, step: int, payload: dict) -> Path:
+        path = save_checkpoint(self.checkpoint_dir, step, payload)
+        prune_checkpoints(self.checkpoint_dir, self.config.checkpoint.keep)
+        return path
+
+    def _latest_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.checkpoint_dir)
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        return load_checkpoint(path)
 
     def _payload(self, state: dict, clock: dict) -> dict:
         """A checkpoint: a worker's model/optimizer/scaler state, the clock, the config."""
@@ -434,15 +441,14 @@ class Trainer:
     def _checkpoint_last_commit(self) -> None:
         """Before giving up: write the last in-memory commit durably, from any member
         that still holds it, so ``--resume`` loses nothing that was committed."""
-        clock = ray.get(self.clock.rollback.remote(), timeout=self.timeout)
-        for actor in self.controller.state.actors:
+        clock = self.clock.rollback()
+        for member in self.controller.state.members:
             try:
-                state = ray.get(actor.committed_state.remote(clock["global_step"]),
-                                timeout=self.timeout)
-            except (RayActorError, RayTaskError, GetTimeoutError):
+                state = self.group.call(member, "committed_state", clock["global_step"],
+                                        timeout=self.timeout)
+            except self.group.failures:
                 continue
-            path = save_checkpoint(self.checkpoint_dir, clock["global_step"],
-                                   self._payload(state, clock))
+            path = self._save_checkpoint(clock["global_step"], self._payload(state, clock))
             self.say(f"wrote the last commit (step {clock['global_step']}) to {path}")
             return
         self.say("no worker holds the last commit any more; the newest checkpoint on disk stands")
@@ -452,11 +458,11 @@ class Trainer:
                               min_tail=min_tail).state_dict()
         if not self.resume:
             return fresh, None
-        path = latest_checkpoint(self.checkpoint_dir)
+        path = self._latest_checkpoint()
         if path is None:
             self.say(f"--resume: no valid checkpoint in {self.checkpoint_dir}, starting fresh")
             return fresh, None
-        payload = load_checkpoint(path)
+        payload = self._load_checkpoint(path)
         clock = payload["clock"]
         if clock["num_samples"] != num_samples:
             raise ValueError(f"checkpoint {path} was trained on {clock['num_samples']} samples "
@@ -472,7 +478,7 @@ class Trainer:
         return min(steps, cap) if cap else steps
 
     def _summary(self, datasets, num_samples: int, wall: float, final: dict) -> dict:
-        clock = ray.get(self.clock.state.remote(), timeout=self.timeout)
+        clock = self.clock.state()
         ips = self.totals.samples / self.totals.train_seconds if self.totals.train_seconds else 0.0
         if self.resume:
             self.totals.restore_skipped(read_metrics(self.metrics.path))

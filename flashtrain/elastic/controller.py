@@ -33,30 +33,19 @@ Every re-form is recorded in metrics.jsonl and summary.json.
 
 from __future__ import annotations
 
+import enum
 import logging
-import time
 from dataclasses import dataclass, field
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
 from flashtrain.algorithm import choose_algorithm
-from flashtrain.collective.errors import CollectiveError
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.faults import FaultInjector
-from flashtrain.elastic.membership import (
-    PLACEMENT_POLL_S,
-    Member,
-    SparePool,
-    alive,
-    reserve_by_node,
-    start_worker,
-)
+from flashtrain.elastic.worker_group import Clock, Member, WorkerGroup
 from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
 from flashtrain.train.clock import StepPlan, StepResult
 from flashtrain.train.metrics import MetricsWriter
-from flashtrain.train.relay import HOP_S, WindowRelay, children_of, subtree_of, wait_batch
+from flashtrain.train.window import HOP_S, classify, reached_by
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +54,8 @@ _PING_TIMEOUT_S = 5.0
 # (elastic.join_grace_s / join_wait_s); the controller takes both as arguments.
 JOIN_GRACE_S = 10.0
 JOIN_WAIT_S = 60.0
-_FAILURES = (RayActorError, RayTaskError, GetTimeoutError)
-
-
-def is_collective_failure(err: BaseException) -> bool:
-    """A failure that means "the grid could not finish", as opposed to a bug or bad input
-    in worker code: the worker died (Ray knows), a call timed out, or a collective gave
-    up because a peer died, hung or was aborted."""
-    if isinstance(err, RayActorError | GetTimeoutError | CollectiveError):
-        return True  # (a relay's own window raises the collective's error itself)
-    if isinstance(err, RayTaskError):
-        return isinstance(err.as_instanceof_cause(), CollectiveError)
-    return False
+PLACEMENT_POLL_S = 0.5  # how often, at most, starting spares are looked up
+WAIT_POLL_S = 0.2  # how often a grid too small to train looks at its spares again
 
 
 class StepFailed(RuntimeError):
@@ -120,9 +99,10 @@ class WorkerError(ElasticAbort):
         self.rank = rank
         self.method = method
         self.cause = cause
-        # A RayTaskError carries the worker's exception; a relay reports its own window's
-        # exception itself, with the traceback as text (``traceback_text``).
-        inner = getattr(cause, "cause", None) if isinstance(cause, RayTaskError) else cause
+        # A remote call's error (Ray: a RayTaskError) carries the worker's exception; a
+        # relay reports its own window's exception itself, with the traceback as text
+        # (``traceback_text``).
+        inner = getattr(cause, "cause", None) if hasattr(cause, "as_instanceof_cause") else cause
         detail = (f"{type(inner).__name__}: {inner}" if inner is not None
                   else str(cause).strip().splitlines()[-1])
         step = getattr(inner, "window_step", None)  # train_window names the step
@@ -145,14 +125,47 @@ class GridState:
         return [m.actor for m in self.members]
 
 
-class ElasticController:
-    """Owns the worker actors and the grid they form."""
+class Phase(enum.Enum):
+    """What the controller is doing. Transitions (:meth:`ElasticController._enter`):
+    NEW -> FORMING -> TRAINING; TRAINING -> RECOVERING (a member lost) | GROWING (spares
+    ready at a commit) | JOIN_WAIT (replacements overdue) | RESHAPING (a schedule phase
+    names a smaller grid) -> FORMING -> TRAINING; RECOVERING -> RESTARTING (every member
+    lost) -> FORMING; any -> STOPPED."""
 
-    def __init__(self, config: FlashtrainConfig, data_cache, metrics: MetricsWriter, say=print,
-                 cluster=None, join_grace_s: float = JOIN_GRACE_S,
+    NEW = "new"
+    FORMING = "forming"
+    TRAINING = "training"
+    RECOVERING = "recovering"
+    RESTARTING = "restarting"
+    GROWING = "growing"
+    JOIN_WAIT = "join_wait"
+    RESHAPING = "reshaping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Handover:
+    """A re-form as data: the grid to form over ``members`` (``newcomers`` among them
+    load the committed state of ``resume_step`` from ``source``), why, and the record's
+    numbers."""
+
+    grid: Grid
+    members: list[Member]
+    newcomers: list[Member]
+    reason: str
+    cause: str
+    failed_step: int
+    resume_step: int
+
+
+class ElasticController:
+    """Owns the workers (through a :class:`WorkerGroup`) and the grid they form."""
+
+    def __init__(self, config: FlashtrainConfig, group: WorkerGroup, metrics: MetricsWriter,
+                 say=print, cluster=None, join_grace_s: float = JOIN_GRACE_S,
                  join_wait_s: float = JOIN_WAIT_S):
         self.config = config
-        self.data_cache = str(data_cache)
+        self.group = group
         self.metrics = metrics
         self.say = say
         self.timeout = config.runtime.remote_timeout_s
@@ -161,38 +174,38 @@ class ElasticController:
         self.reforms: list[dict] = []
         self.committed_step = 0
         self.num_classes = 0
-        self.spares = SparePool(config, self.data_cache)
-        self.faults = FaultInjector(config.faults, cluster, metrics, say,
+        self.spares = group.spares
+        self.faults = FaultInjector(config.faults, cluster, metrics, group, say,
                                     stall_s=2 * config.collective.timeout_s)
+        self.phase = Phase.NEW
+        # No grid until start(): an empty one of the configured shape's size 0.
+        self.state = GridState(Grid(1, 1), 0, [])
+        self.target: Grid = self.state.grid
         self._pending_recovery: tuple[dict, float] | None = None
-        self._placement_checked = 0.0
+        self._placement_checked = float("-inf")
         self._relays_of: GridState | None = None  # the grid whose members hold a relay tree
+
+    def _enter(self, phase: Phase) -> None:
+        log.debug("controller %s -> %s", self.phase.value, phase.value)
+        self.phase = phase
 
     # -- forming -------------------------------------------------------------------------
 
     def start(self) -> GridState:
         """Reserve the workers of the configured grid, start them and form the groups."""
+        self._enter(Phase.FORMING)
         grid = self._initial_grid()
         self.target = grid
-        slots = reserve_by_node(self.config.grid, grid.num_workers, self.timeout,
-                                name="flashtrain")
-        self.spares.reservations += list({id(r.group): r for r, _ in slots}.values())
-        nodes = [reservation.bundle_nodes[bundle] for reservation, bundle in slots]
+        started = self.group.start_grid(grid.num_workers, self.timeout)
+        nodes = [m.node for m in started]
         layout = layout_grid(nodes, grid)
-        members = []
-        for slot in layout.slot_of_rank:
-            reservation, bundle = slots[slot]
-            member = start_worker(self.config.grid, reservation, bundle, self.config,
-                                  self.data_cache)
-            member.node = nodes[slot]
-            members.append(member)
+        members = [started[slot] for slot in layout.slot_of_rank]
         self.state = GridState(grid, 0, members)
         if self.config.elastic.warm_spares:
             # The warm spares start with the grid's workers (their start-ups overlap), so
             # they are ready from the first step.
             self._request_replacements()
-        self.num_classes = ray.get(members[0].actor.__ray_call__.remote(lambda w: w.num_classes),
-                                   timeout=self.timeout)
+        self.num_classes = self.group.num_classes(members[0], self.timeout)
         self._form(self.state)
         if self.config.elastic.warm_spares:
             # Only those with room: a spare that waits for a node must not hold up the start.
@@ -201,7 +214,15 @@ class ElasticController:
             self.say(f"{len(ready)} warm spare(s) ready")
         split = f", {layout.split_rows} row(s) span nodes" if layout.split_rows else ""
         self.say(f"grid {grid} formed on {len(set(nodes))} node(s){split}")
+        self._enter(Phase.TRAINING)
         return self.state
+
+    def adopt(self, grid: Grid, members: list[Member]) -> None:
+        """Take ``members`` (already started and formed elsewhere) as the grid in force,
+        at its target (the control benchmark's stub workers)."""
+        self.state = GridState(grid, 0, list(members))
+        self.target = grid
+        self._enter(Phase.TRAINING)
 
     def _initial_grid(self) -> Grid:
         first_phase = self.config.schedule.phases[0].grid
@@ -209,7 +230,7 @@ class ElasticController:
             return Grid.parse(first_phase)
         if self.config.grid.shape != "auto":
             return Grid.parse(self.config.grid.shape)
-        per_node = self._cluster_slots()
+        per_node = self.group.cluster_slots()
         proposal = propose_grid(per_node, preferred_cols=max(per_node.values(), default=1),
                                 max_workers=self.config.grid.max_workers)
         if proposal is None:
@@ -217,23 +238,18 @@ class ElasticController:
         self.say(f"grid auto: {proposal.reason}")
         return proposal.grid
 
-    def _cluster_slots(self) -> dict[str, int]:
-        resource = "GPU" if self.config.grid.use_gpu else "CPU"
-        per_worker = 1.0 if self.config.grid.use_gpu else self.config.grid.cpus_per_worker
-        return {node["NodeID"]: int(node["Resources"].get(resource, 0) // per_worker)
-                for node in ray.nodes() if node["Alive"]}
-
     def _form(self, state: GridState) -> None:
         """Every member joins its row, column and world groups of this generation."""
         # All constructors first (model built, data indexed), so the rendezvous below
         # waits only for the group formation itself.
-        ray.get([m.actor.ping.remote() for m in state.members], timeout=self.timeout)
+        self.group.call_each(state.members, "ping", timeout=self.timeout)
         algorithm = self._algorithm_for(state)
-        refs = [m.actor.join.remote(state.grid, rank, state.generation, algorithm)
-                for rank, m in enumerate(state.members)]
+        pending = [self.group.submit([m], "join", state.grid, rank, state.generation,
+                                     algorithm)[0]
+                   for rank, m in enumerate(state.members)]
         # Fail fast here too: a member that died on the way makes the others give up
         # their rendezvous at once instead of waiting out its timeout.
-        pids = self._gather(state, "join", refs, step=self.committed_step)
+        pids = self._gather(state, "join", pending, step=self.committed_step)
         # Who is in which grid, for the record and for benchmarks that kill members from
         # outside (they find each actor's process in Ray's GCS actor table).
         self.metrics.event("grid", generation=state.generation, grid=str(state.grid),
@@ -254,28 +270,27 @@ class ElasticController:
 
     # -- state ---------------------------------------------------------------------------
 
-    def commit(self, clock) -> None:
+    def commit(self, clock: Clock) -> None:
         """In-memory commit on every member, then on the clock (the clock's commit is
         the one everybody returns to, so it moves only once all members hold it)."""
-        step = ray.get(clock.state.remote(), timeout=self.timeout)["global_step"]
+        step = clock.state()["global_step"]
         self.run_on_grid("commit", step, step=step)
         self.members_committed(clock)
 
-    def members_committed(self, clock) -> None:
+    def members_committed(self, clock: Clock) -> None:
         """Every member holds a commit of the clock's position (it committed at the end of
         its step window): commit the clock, then grow if spares are ready."""
-        self.committed_step = ray.get(clock.commit.remote(), timeout=self.timeout)["global_step"]
+        self.committed_step = clock.commit()["global_step"]
         self.metrics.event("commit", global_step=self.committed_step)
         self._grow_if_ready(clock)
 
-    def load_state(self, payload: dict, actors: list | None = None) -> None:
-        """Load a checkpoint payload's model/optimizer/scaler into ``actors`` (default:
+    def load_state(self, payload: dict, members: list[Member] | None = None) -> None:
+        """Load a checkpoint payload's model/optimizer/scaler into ``members`` (default:
         every member)."""
         state = {"model": payload["model"], "optimizer": payload["optimizer"],
                  "scaler": payload.get("scaler")}
-        ref = ray.put(state)
-        actors = self.state.actors if actors is None else actors
-        ray.get([a.load_state.remote(ref) for a in actors], timeout=self.timeout)
+        members = self.state.members if members is None else members
+        self.group.load_state(members, state, self.timeout)
 
     # -- calls on every member ---------------------------------------------------------
 
@@ -292,8 +307,8 @@ class ElasticController:
         else is not a membership change: :class:`WorkerError` stops the run.
         """
         state = self.state
-        refs = [getattr(actor, method).remote(*args) for actor in state.actors]
-        return self._gather(state, method, refs, step=step, plan=plan, timeout=timeout)
+        pending = self.group.submit(state.members, method, *args)
+        return self._gather(state, method, pending, step=step, plan=plan, timeout=timeout)
 
     def run_window(self, plans: list[StepPlan], commit: bool, timeout: float
                    ) -> list[list[StepResult]]:
@@ -301,89 +316,84 @@ class ElasticController:
         ``commit``); per step, the members' results. With more members than
         ``runtime.relay_fanout`` the window goes down the relay tree
         (:mod:`flashtrain.train.relay`): one call from here, and per step one result
-        merged over the grid. Fails like :meth:`run_on_grid`."""
+        merged over the grid. Fails like :meth:`run_on_grid`; a window's failure says how
+        far each member got (``StepFailed.reached``) on both paths."""
         state, fanout = self.state, self.config.runtime.relay_fanout
-        if not fanout or len(state.actors) <= fanout:
-            per_rank = self.run_on_grid("train_window", plans, commit, plan=plans[0],
-                                        timeout=timeout)
+        if not fanout or len(state.members) <= fanout:
+            pending = self.group.submit(state.members, "train_window", plans, commit)
+            try:
+                per_rank = self._gather(state, "train_window", pending, plan=plans[0],
+                                        step=plans[0].global_step, timeout=timeout)
+            except StepFailed as failure:
+                raise self._window_lost(failure, plans) from failure.cause
             return [list(step) for step in zip(*per_rank, strict=True)]
         self._plant_relays(state, fanout, plans[0])
-        ref = state.actors[0].relay_window.remote(state.generation, plans, commit, timeout)
         try:
-            answer = ray.get(ref, timeout=timeout + HOP_S)
-        except _FAILURES as err:  # rank 0 died, or the whole tree missed its deadline
-            self._abort_grid(state, f"rank 0 failed in relay_window: {type(err).__name__}")
-            if not is_collective_failure(err):
+            answer = self.group.call(state.members[0], "relay_window", state.generation, plans,
+                                     commit, timeout, timeout=timeout + HOP_S)
+        except self.group.failures as err:  # rank 0 died, or the tree missed its deadline
+            self.group.abort(state.members, state.generation,
+                             f"rank 0 failed in relay_window: {type(err).__name__}")
+            if not self.group.is_membership_loss(err):
                 raise WorkerError(0, "relay_window", err) from err
             raise StepFailed(plans[0], err, step=plans[0].global_step, reached=[]) from err
         if not answer.errors:
             return [[merged] for merged in answer.steps]
         # The relays aborted their subtrees; a dead relay's orphans are reached from here.
-        self._abort_grid(state, f"rank {answer.errors[0][0]} failed in a step window")
-        bugs = [(r, e) for r, e in answer.errors if not is_collective_failure(e)]
-        if bugs:
-            raise WorkerError(bugs[0][0], "train_window", bugs[0][1]) from bugs[0][1]
-        died = [e for _, e in answer.errors if isinstance(e, RayActorError)]
-        cause = died[0] if died else answer.errors[0][1]
-        raise StepFailed(plans[0], cause, step=plans[0].global_step,
-                         reached=answer.reached) from cause
+        self.group.abort(state.members, state.generation,
+                         f"rank {answer.errors[0][0]} failed in a step window")
+        verdict = classify(answer.errors, self.group.is_membership_loss, self.group.is_death)
+        if verdict.bug:
+            raise WorkerError(verdict.rank, "train_window", verdict.cause) from verdict.cause
+        raise StepFailed(plans[0], verdict.cause, step=plans[0].global_step,
+                         reached=answer.reached) from verdict.cause
+
+    def _window_lost(self, failure: StepFailed, plans: list[StepPlan]) -> StepFailed:
+        """A direct window's failure with how far each member got: the survivors return
+        at once (their collectives were aborted); those that finished the window reached
+        the position after it, the others the step their error names."""
+        self.group.settle(failure.pending, self.config.collective.timeout_s)
+        outcomes = [self.group.outcome(call) for call in failure.pending]
+        reached = reached_by(outcomes, plans[-1].global_step + 1)
+        return StepFailed(plans[0], failure.cause, failure.pending, step=plans[0].global_step,
+                          reached=reached)
 
     def _plant_relays(self, state: GridState, fanout: int, plan: StepPlan) -> None:
         """Give every member of ``state`` its place in the relay tree (once per grid)."""
         if self._relays_of is state:
             return
-        actors, size = state.actors, len(state.actors)
-        refs = []
-        for rank, actor in enumerate(actors):
-            kids = children_of(rank, size, fanout)
-            relay = WindowRelay(state.generation, rank, [actors[k] for k in kids], kids,
-                                [actors[r] for r in subtree_of(rank, size, fanout)])
-            refs.append(actor.set_relay.remote(relay))
+        pending = self.group.plant_relays(state.members, state.generation, fanout)
         try:
-            self._gather(state, "set_relay", refs, step=plan.global_step, plan=plan)
+            self._gather(state, "set_relay", pending, step=plan.global_step, plan=plan)
         except StepFailed as err:  # nobody trained: the window fails at its first step
             raise StepFailed(plan, err.cause, step=plan.global_step, reached=[]) from err.cause
         self._relays_of = state
 
-    def _gather(self, state: GridState, method: str, refs: list, *, step: int | None,
+    def _gather(self, state: GridState, method: str, pending: list, *, step: int | None,
                 plan=None, timeout: float | None = None) -> list:
-        """The results of ``refs`` (one call of ``method`` per member of ``state``, in rank
-        order), failing fast as :meth:`run_on_grid` describes."""
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        results: list = [None] * len(refs)
-        pending = list(refs)
+        """The results of ``pending`` (one call of ``method`` per member of ``state``, in
+        rank order), failing fast as :meth:`run_on_grid` describes."""
         timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while pending:
-            ready, pending = wait_batch(pending, max(deadline - time.monotonic(), 0))
-            if not ready:
-                err = GetTimeoutError(f"{method} did not finish on {len(pending)} member(s) "
-                                      f"within {timeout:g}s (runtime.remote_timeout_s="
-                                      f"{self.timeout:g}s per step)")
-                self._abort_grid(state, f"{method} timed out")
-                raise StepFailed(plan, err, refs, step=step) from None
-            for ref in ready:
-                try:
-                    results[rank_of[ref]] = ray.get(ref, timeout=0)
-                except _FAILURES as err:
-                    rank = rank_of[ref]
-                    self._abort_grid(state, f"rank {rank} failed in {method}: "
-                                            f"{type(err).__name__}")
-                    if not is_collective_failure(err):
-                        ray.wait(pending, num_returns=len(pending), timeout=_PING_TIMEOUT_S)
-                        raise WorkerError(rank, method, err) from err
-                    raise StepFailed(plan, err, refs, step=step) from err
-        return results
-
-    def _abort_grid(self, state: GridState, reason: str) -> None:
-        """Tell every member to abort its collectives of ``state``'s generation (fire and
-        forget: a dead member's call just fails)."""
-        for actor in state.actors:
-            actor.abort_collectives.remote(state.generation, reason)
+        got = self.group.gather(pending, timeout)
+        if got.ok:
+            return got.results
+        if got.timed_out:
+            err = self.group.timeout_error(
+                f"{method} did not finish on {len(got.unsettled)} member(s) within "
+                f"{timeout:g}s (runtime.remote_timeout_s={self.timeout:g}s per step)")
+            self.group.abort(state.members, state.generation, f"{method} timed out")
+            raise StepFailed(plan, err, pending, step=step) from None
+        rank, err = got.failed, got.error
+        self.group.abort(state.members, state.generation,
+                         f"rank {rank} failed in {method}: {type(err).__name__}")
+        if not self.group.is_membership_loss(err):
+            self.group.settle(got.unsettled, _PING_TIMEOUT_S)
+            raise WorkerError(rank, method, err) from err
+        raise StepFailed(plan, err, pending, step=step) from err
 
     # -- hooks around a step -------------------------------------------------------------
 
-    def before_step(self, plan: StepPlan, clock) -> None:
+    def before_step(self, plan: StepPlan, clock: Clock) -> None:
         """Planned resizes at phase boundaries, then injected faults."""
         if plan.phase_grid and Grid.parse(plan.phase_grid) != self.target:
             self._retarget(Grid.parse(plan.phase_grid), plan.epoch, clock)
@@ -391,13 +401,13 @@ class ElasticController:
 
     def after_step(self, plan: StepPlan, finished_at: float | None = None) -> None:
         """Close the recovery clock of the last re-form at the first completed step (it
-        ended at ``finished_at``, unix time; default now); note which starting spares
+        ended at ``finished_at``, wall time; default now); note which starting spares
         have room by now (the start of their join clock)."""
         self._note_placement()
         if self._pending_recovery is None:
             return
         record, began = self._pending_recovery
-        ended = time.time() if finished_at is None else finished_at
+        ended = self.group.wall() if finished_at is None else finished_at
         record["recovery_seconds"] = max(ended - began, 0.0)
         self.metrics.reform(**record)
         self.say(f"re-formed {record['old_grid']} -> {record['new_grid']} in "
@@ -407,23 +417,22 @@ class ElasticController:
 
     # -- re-forming ----------------------------------------------------------------------
 
-    def recover(self, failure: StepFailed, clock) -> None:
+    def recover(self, failure: StepFailed, clock: Clock) -> None:
         """Re-form over the survivors after a failed step or commit, from the last commit."""
-        began = time.monotonic()
+        began = self.group.now()
         if not self.config.elastic.enabled:
             raise ElasticAbort(f"{failure} and elastic.enabled is false") from failure.cause
         if len(self.reforms) >= self.config.elastic.max_reforms:
             raise ElasticAbort(f"{failure}: elastic.max_reforms={self.config.elastic.max_reforms} "
                                "re-forms already") from failure.cause
-        if failure.pending:
-            ray.wait(failure.pending, num_returns=len(failure.pending),
-                     timeout=self.config.collective.timeout_s + _PING_TIMEOUT_S)
+        self._enter(Phase.RECOVERING)
+        self.group.settle(failure.pending, self.config.collective.timeout_s + _PING_TIMEOUT_S)
         old = self.state
-        answers = alive(old.members, _PING_TIMEOUT_S)
+        answers = self.group.ping(old.members, _PING_TIMEOUT_S)
         survivors = [m for m, ok in zip(old.members, answers, strict=True) if ok]
         for member, ok in zip(old.members, answers, strict=True):
             if not ok:
-                ray.kill(member.actor, no_restart=True)
+                self.group.kill(member)
                 self.spares.give_back(member)  # once, even on a retry
         where = f"step {failure.step}" if failure.plan else f"the commit at step {failure.step}"
         self.say(f"{where} failed ({type(failure.cause).__name__}); "
@@ -431,24 +440,24 @@ class ElasticController:
         if not survivors:
             self.state = GridState(old.grid, old.generation, [])
             raise GridLost(failure)
-        ray.get([m.actor.leave.remote() for m in survivors], timeout=self.timeout)
-        resume_step = ray.get(clock.rollback.remote(), timeout=self.timeout)["global_step"]
+        self.group.call_each(survivors, "leave", timeout=self.timeout)
+        resume_step = clock.rollback()["global_step"]
         self.state = GridState(old.grid, old.generation, survivors)
         self._request_replacements()
         decision = self._decide_with_wait(lost=True)
         grid, members, newcomers = self._choose(decision.grid, survivors)
-        ray.get([m.actor.rollback.remote(resume_step) for m in members if m not in newcomers],
-                timeout=self.timeout)
-        self._hand_over(newcomers, survivors[0], resume_step)
-        self._reform_to(grid, members, old.grid, decision.reason, began,
-                        failed_step=failure.step,
-                        resume_step=resume_step, cause=type(failure.cause).__name__)
+        self.group.call_each([m for m in members if m not in newcomers], "rollback", resume_step,
+                             timeout=self.timeout)
+        self._carry_out(Handover(grid, members, newcomers, decision.reason,
+                                 type(failure.cause).__name__, failure.step, resume_step),
+                        old.grid, survivors[0], began)
 
     def restart(self, payload: dict, failure: StepFailed, source: str) -> None:
         """Every member was lost (:class:`GridLost`): form a fresh grid from spares,
         waiting for them at most ``elastic.wait_for_resources_s``, and load ``payload``
         (the newest durable checkpoint, whose clock the caller has already restored)."""
-        began = time.monotonic()
+        began = self.group.now()
+        self._enter(Phase.RESTARTING)
         old = self.state
         self.state = GridState(old.grid, old.generation, [])
         self._request_replacements()
@@ -457,15 +466,15 @@ class ElasticController:
         step = payload["clock"]["global_step"]
         # Members first, so a failure from here on is an ordinary loss of these members.
         self.state = GridState(old.grid, old.generation, members)
-        self.load_state(payload, [m.actor for m in members])
-        ray.get([m.actor.commit.remote(step) for m in members], timeout=self.timeout)
+        self.load_state(payload, members)
+        self.group.call_each(members, "commit", step, timeout=self.timeout)
         self.committed_step = step
-        self._reform_to(grid, members, old.grid,
-                        f"every worker was lost: restarted from the durable checkpoint "
-                        f"{source} (step {step}) on {decision.reason}", began,
-                        failed_step=failure.step, resume_step=step, cause="restart")
+        reason = (f"every worker was lost: restarted from the durable checkpoint {source} "
+                  f"(step {step}) on {decision.reason}")
+        self._carry_out(Handover(grid, members, [], reason, "restart", failure.step, step),
+                        old.grid, None, began)
 
-    def _grow_if_ready(self, clock) -> None:
+    def _grow_if_ready(self, clock: Clock) -> None:
         """At a commit boundary: re-form bigger when spares are ready (below target,
         first wait, bounded, for replacements that are overdue)."""
         if self.state.grid.num_workers < self.target.num_workers:
@@ -477,14 +486,14 @@ class ElasticController:
         if not isinstance(decision, Reform) or \
                 decision.grid.num_workers <= self.state.grid.num_workers:
             return
-        began = time.monotonic()
+        began = self.group.now()
+        self._enter(Phase.GROWING)
         old = self.state
-        ray.get([m.actor.leave.remote() for m in old.members], timeout=self.timeout)
+        self.group.call_each(old.members, "leave", timeout=self.timeout)
         grid, members, newcomers = self._choose(decision.grid, old.members)
-        self._hand_over(newcomers, old.members[0], self.committed_step)
-        self._reform_to(grid, members, old.grid, decision.reason, began,
-                        failed_step=self.committed_step, resume_step=self.committed_step,
-                        cause="grow")
+        step = self.committed_step
+        self._carry_out(Handover(grid, members, newcomers, decision.reason, "grow", step, step),
+                        old.grid, old.members[0], began)
 
     def _wait_for_overdue_spares(self) -> None:
         """Pause here (a commit boundary) for replacements that have had room for
@@ -492,36 +501,39 @@ class ElasticController:
         training paused, the cores are theirs."""
         self.spares.note_placement()
         missing = self.target.num_workers - self.state.grid.num_workers - len(self.spares.poll())
-        overdue = self.spares.overdue(self.join_grace_s, time.time())[:max(missing, 0)]
+        overdue = self.spares.overdue(self.join_grace_s, self.group.wall())[:max(missing, 0)]
         if not overdue:
             return
-        began = time.monotonic()
+        self._enter(Phase.JOIN_WAIT)
+        began = self.group.now()
         for member in overdue:
             member.waited_for = True
         self.say(f"grid {self.state.grid} is below target {self.target}: waiting up to "
                  f"{self.join_wait_s:g}s for {len(overdue)} replacement(s) it has been short "
                  f"of, with room, for {self.join_grace_s:g}s or more")
         ready = self.spares.wait_ready(self.join_wait_s, members=overdue)
-        self.metrics.event("join_wait", seconds=round(time.monotonic() - began, 3),
+        self.metrics.event("join_wait", seconds=round(self.group.now() - began, 3),
                            replacements=len(overdue),
                            ready=sum(any(m is r for r in ready) for m in overdue))
+        self._enter(Phase.TRAINING)
 
-    def _retarget(self, target: Grid, epoch: int, clock) -> None:
+    def _retarget(self, target: Grid, epoch: int, clock: Clock) -> None:
         """A schedule phase names a new grid: shrink now, or start workers to grow."""
         self.say(f"schedule phase asks for grid {target} (was {self.target})")
         self.target = target
-        if target.num_workers < self.state.grid.num_workers:
-            self.commit(clock)
-            began = time.monotonic()
-            old = self.state
-            ray.get([m.actor.leave.remote() for m in old.members], timeout=self.timeout)
-            grid, members, _ = self._choose(target, old.members)
-            self._release_unneeded_spares(epoch)
-            self._reform_to(grid, members, old.grid, f"schedule phase: {old.grid} -> {grid}",
-                            began, failed_step=self.committed_step,
-                            resume_step=self.committed_step, cause="phase")
-        else:
+        if target.num_workers >= self.state.grid.num_workers:
             self._request_replacements()
+            return
+        self.commit(clock)
+        began = self.group.now()
+        self._enter(Phase.RESHAPING)
+        old = self.state
+        self.group.call_each(old.members, "leave", timeout=self.timeout)
+        grid, members, _ = self._choose(target, old.members)
+        self._release_unneeded_spares(epoch)
+        step = self.committed_step
+        self._carry_out(Handover(grid, members, [], f"schedule phase: {old.grid} -> {grid}",
+                                 "phase", step, step), old.grid, None, began)
 
     def _release_unneeded_spares(self, epoch: int) -> None:
         """Workers left out by a planned shrink stay warm only if a later phase will want
@@ -531,7 +543,7 @@ class ElasticController:
         keep = max(later, default=0) - self.target.num_workers
         surplus = self.spares.ready[max(keep, 0):]
         for member in surplus:
-            ray.kill(member.actor, no_restart=True)
+            self.group.kill(member)
         self.spares.take(surplus)
 
     def _request_replacements(self) -> None:
@@ -542,15 +554,15 @@ class ElasticController:
         self._mark_needed()
 
     def _note_placement(self) -> None:
-        """Look starting spares up in the GCS, at most every PLACEMENT_POLL_S."""
+        """Look starting spares up, at most every PLACEMENT_POLL_S."""
         if any(m.placed_at is None for m in self.spares.starting) and \
-                time.monotonic() - self._placement_checked > PLACEMENT_POLL_S:
-            self._placement_checked = time.monotonic()
+                self.group.now() - self._placement_checked > PLACEMENT_POLL_S:
+            self._placement_checked = self.group.now()
             self.spares.note_placement()
 
     def _mark_needed(self) -> None:
         self.spares.mark_needed(self.state.grid.num_workers < self.target.num_workers,
-                                time.time())
+                                self.group.wall())
 
     def _decide(self, candidates: list[Member], lost: bool, waited_s: float = 0.0):
         per_node: dict[str, int] = {}
@@ -564,16 +576,17 @@ class ElasticController:
     def _decide_with_wait(self, lost: bool) -> Reform | Keep:
         """Decide over survivors and ready spares; below ``min_workers`` wait (bounded)
         for spares, then abort."""
-        started = time.monotonic()
+        started = self.group.now()
         while True:
-            waited = time.monotonic() - started
+            waited = self.group.now() - started
             decision = self._decide(self.state.members + self.spares.poll(), lost, waited)
             if isinstance(decision, Abort):
+                self._enter(Phase.STOPPED)
                 raise ElasticAbort(decision.reason)
             if not isinstance(decision, Wait):
                 return decision
             self._note_placement()
-            time.sleep(0.2)  # polling the spares' start-up, bounded by the Abort above
+            self.group.sleep(WAIT_POLL_S)  # polling the spares' start-up, bounded by Abort
 
     def _choose(self, grid: Grid, current: list[Member]) -> tuple[Grid, list[Member], list[Member]]:
         """Lay ``grid`` over the current members first, then ready spares."""
@@ -587,35 +600,33 @@ class ElasticController:
                 self.spares.ready.append(member)  # kept warm for the next growth
         return grid, members, newcomers
 
-    def _hand_over(self, newcomers: list[Member], source: Member, step: int) -> None:
-        """Newcomers load the committed state of ``step`` through the object store."""
-        if not newcomers:
-            return
-        state_ref = source.actor.committed_state.remote(step)
-        ray.get([m.actor.load_state.remote(state_ref) for m in newcomers], timeout=self.timeout)
-        ray.get([m.actor.commit.remote(step) for m in newcomers], timeout=self.timeout)
-
-    def _reform_to(self, grid: Grid, members: list[Member], old_grid: Grid, reason: str,
-                   began: float, *, failed_step: int, resume_step: int, cause: str) -> None:
-        self.state = GridState(grid, self.state.generation + 1, members)
+    def _carry_out(self, plan: Handover, old_grid: Grid, source: Member | None,
+                   began: float) -> None:
+        """Newcomers load the committed state, the grid forms under a new generation, and
+        the re-form is recorded (its recovery clock closes at the first step after)."""
+        if plan.newcomers:
+            self.group.hand_over(source, plan.newcomers, plan.resume_step, self.timeout)
+        self._enter(Phase.FORMING)
+        self.state = GridState(plan.grid, self.state.generation + 1, plan.members)
         self._form(self.state)
-        joined_at = time.time()
+        joined_at = self.group.wall()
         newcomers = []
-        for member in members:
+        for member in plan.members:
             if member.joined_at is None and member.requested_at is not None:
                 member.joined_at = joined_at
                 newcomers.append(member.join_record(joined_at, self.metrics.start_time))
         self._mark_needed()
-        record = {"time": self.metrics.elapsed(), "reason": reason, "cause": cause,
-                  "old_grid": str(old_grid), "new_grid": str(grid), "failed_step": failed_step,
-                  "resume_step": resume_step, "steps_rolled_back": failed_step - resume_step,
+        record = {"time": self.metrics.elapsed(), "reason": plan.reason, "cause": plan.cause,
+                  "old_grid": str(old_grid), "new_grid": str(plan.grid),
+                  "failed_step": plan.failed_step, "resume_step": plan.resume_step,
+                  "steps_rolled_back": plan.failed_step - plan.resume_step,
                   "generation": self.state.generation, "recovery_seconds": None,
                   "newcomers": newcomers}
         self.reforms.append(record)
-        # ``began`` is a monotonic reading; the first step's end comes back as unix time.
-        self._pending_recovery = (record, time.time() - (time.monotonic() - began))
+        # ``began`` is a monotonic reading; the first step's end comes back as wall time.
+        self._pending_recovery = (record, self.group.wall() - (self.group.now() - began))
+        self._enter(Phase.TRAINING)
 
     def shutdown(self) -> None:
-        for member in getattr(self, "state", GridState(Grid(1, 1), 0)).members:
-            ray.kill(member.actor, no_restart=True)
-        self.spares.shutdown()
+        self._enter(Phase.STOPPED)
+        self.group.shutdown(self.state.members)

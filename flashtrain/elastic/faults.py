@@ -10,8 +10,6 @@ rank and "add a node" starts a fresh one.
 
 from __future__ import annotations
 
-import ray
-
 from flashtrain.config import FaultsConfig
 
 ARM_TIMEOUT_S = 30.0  # arming a fault is one attribute set on the victim
@@ -20,8 +18,10 @@ ARM_TIMEOUT_S = 30.0  # arming a fault is one attribute set on the victim
 class FaultInjector:
     """Fires the configured faults at their steps."""
 
-    def __init__(self, faults: FaultsConfig, cluster, metrics, say=print, stall_s: float = 0.0):
+    def __init__(self, faults: FaultsConfig, cluster, metrics, group, say=print,
+                 stall_s: float = 0.0):
         self._faults = faults
+        self._group = group  # the WorkerGroup the victims are reached through
         self._cluster = cluster
         self._metrics = metrics
         self._say = say
@@ -42,12 +42,12 @@ class FaultInjector:
             # The commit after step s is tagged s + 1 (the clock position it saves).
             # Armed before the step is sent: with relays the step's call reaches the
             # victim from another member, in no fixed order with the driver's calls.
-            ray.get(victim.actor.arm_exit.remote(where, step if where == "allreduce" else step + 1),
-                    timeout=ARM_TIMEOUT_S)
+            self._group.call(victim, "arm_exit", where,
+                             step if where == "allreduce" else step + 1, timeout=ARM_TIMEOUT_S)
         if self._due("stall", self._faults.stall_worker_at_steps, step):
             seconds = self._stall_s
             self._note("stall_worker", step, f"stalling rank {len(members) - 1} for {seconds:.0f}s")
-            ray.get(victim.actor.arm_stall.remote(step, seconds), timeout=ARM_TIMEOUT_S)
+            self._group.call(victim, "arm_stall", step, seconds, timeout=ARM_TIMEOUT_S)
         if self._due("remove", self._faults.remove_node_at_steps, step):
             self._remove_node(victim.node, step)
         if self._due("add", self._faults.add_node_at_steps, step):

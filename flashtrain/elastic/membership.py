@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group
 
 from flashtrain.config import GridConfig
+from flashtrain.elastic.worker_group import Member
 from flashtrain.train.placement import (
     PlacementTimeoutError,
     Reservation,
@@ -49,53 +49,6 @@ _DEAD = (RayActorError, RayTaskError, GetTimeoutError)
 PLACEMENT_POLL_S = 0.5  # how often, at most, starting spares are looked up in the GCS
 
 
-@dataclass(eq=False)
-class Member:
-    """A worker actor, where it runs and which bundle it holds (identity equality: two
-    members are the same only if they are the same object)."""
-
-    actor: object
-    node: str | None
-    reservation: Reservation
-    bundle: int
-    # The way of a spare into the grid (time.time() readings; None for the first grid's
-    # workers). "needed": the grid has been below its target since then.
-    requested_at: float | None = None
-    placed_at: float | None = None
-    ready_at: float | None = None
-    needed_at: float | None = None
-    joined_at: float | None = None
-    waited_for: bool = False  # the controller already paused once for this one
-
-    @property
-    def actor_id(self) -> str:
-        return self.actor._actor_id.hex()
-
-    def short_since(self) -> float | None:
-        """Since when the grid has been short of this spare while it had room (None if
-        it has no room yet or the grid is at its target)."""
-        if self.needed_at is None or self.placed_at is None:
-            return None
-        return max(self.needed_at, self.placed_at)
-
-    def join_record(self, joined_at: float, run_started: float) -> dict:
-        """How this newcomer got into the grid, in seconds: ``wait_for_room_s`` (request
-        to a placed bundle), ``start_s`` (placed to constructor done), ``short_s`` (how
-        long the grid was below target while this spare had room: the figure the
-        controller bounds) and ``request_to_join_s``."""
-        requested = self.requested_at if self.requested_at is not None else joined_at
-        ready = self.ready_at if self.ready_at is not None else joined_at
-        # Seen placed only at a poll after it was ready (or never polled): room by then.
-        placed = max(min(self.placed_at if self.placed_at is not None else ready, ready),
-                     requested)
-        short = max(self.needed_at, placed) if self.needed_at is not None else joined_at
-        return {"actor_id": self.actor_id, "requested_time": round(requested - run_started, 3),
-                "wait_for_room_s": round(placed - requested, 3),
-                "start_s": round(max(ready - placed, 0.0), 3),
-                "short_s": round(max(joined_at - short, 0.0), 3),
-                "request_to_join_s": round(joined_at - requested, 3)}
-
-
 def start_worker(grid_cfg: GridConfig, reservation: Reservation, bundle: int, config,
                  data_cache: str) -> Member:
     """Start a worker actor in ``bundle`` of ``reservation`` (its node is learnt later)."""
@@ -103,7 +56,7 @@ def start_worker(grid_cfg: GridConfig, reservation: Reservation, bundle: int, co
         num_cpus=grid_cfg.cpus_per_worker, num_gpus=1 if grid_cfg.use_gpu else 0,
         scheduling_strategy=in_bundle(reservation.group, bundle),
     ).remote(config, data_cache)
-    return Member(actor, None, reservation, bundle)
+    return Member(actor, None, reservation, bundle, name=actor._actor_id.hex())
 
 
 def reserve_by_node(grid_cfg: GridConfig, num_workers: int, timeout_s: float,

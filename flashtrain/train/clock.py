@@ -154,9 +154,9 @@ def plan_window(clock_state: dict, schedule: ScheduleConfig, ends_after: Callabl
     return plans
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class ScheduleActor:
-    """The single authority on the training clock during a run.
+class ScheduleKeeper:
+    """The single authority on the training clock during a run (as a Ray actor:
+    :data:`ScheduleActor`; the simulator keeps it in its own process).
 
     It keeps the live clock and the last committed copy, so the elastic controller can
     roll the clock back to the same commit the workers roll back to.
@@ -189,3 +189,6 @@ class ScheduleActor:
 
     def state(self) -> dict:
         return self._clock.state_dict()
+
+
+ScheduleActor = ray.remote(num_cpus=0, max_restarts=0)(ScheduleKeeper)

@@ -17,6 +17,8 @@ ALLOWED = {
     "driver": {"elastic", "train"},
     "jobs": {"driver", "train"},
     "bench": {"collective", "driver", "elastic", "train"},
+    # The simulator runs the driver loop and the controller against simulated members.
+    "sim": {"driver", "elastic", "train"},
 }
 
 
