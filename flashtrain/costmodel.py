@@ -145,19 +145,34 @@ def fit_from_bench_json(path: str) -> tuple[Link, int]:
     return fit_alpha_beta(points), n
 
 
+def throughput_grid_runs(data: dict) -> list[dict]:
+    """The flashtrain runs on grids of two or more workers in a ``bench throughput
+    --json`` document (its ``runs``: one record per system, worker count and round), each
+    with ``algo`` (``flat``, ``torus`` or ``hierarchical``) added."""
+    rows = []
+    for run in data.get("runs", []):
+        system = str(run.get("system", ""))
+        if system.startswith("flashtrain_") and int(run.get("workers", 0)) >= 2:
+            rows.append({**run, "algo": system.removeprefix("flashtrain_")})
+    return rows
+
+
 def fit_compute_from_throughput_json(path: str) -> dict:
     """Compute seconds per image of one worker from a ``bench throughput --json`` file:
-    the median, over its grid rows, of ``compute_s`` (step minus gradient sync) divided
-    by the per-worker batch."""
+    the median, over its flashtrain runs on grids of two or more workers, of
+    ``compute_s`` (forward, backward and optimizer of the slowest worker) divided by the
+    per-worker batch."""
     with open(path) as handle:
         data = json.load(handle)
-    n = int(data["meta"]["num_workers"])
-    rows = [r for r in data["results"] if r["algo"] != "single_process"]
+    rows = throughput_grid_runs(data)
     if not rows:
-        raise ValueError(f"{path}: no grid rows (flat/torus/hierarchical) to fit compute from")
-    per_image = statistics.median(r["compute_s"] / (r["global_batch"] / n) for r in rows)
-    return {"seconds_per_image": per_image, "num_workers": n, "model": data["meta"].get("model"),
-            "global_batch": rows[0]["global_batch"],
+        raise ValueError(f"{path}: no flashtrain runs on a grid of 2 or more workers to fit "
+                         "compute from (run bench throughput with --workers 2 or more)")
+    per_image = statistics.median(r["compute_s"] / (r["global_batch"] / r["workers"])
+                                  for r in rows)
+    return {"seconds_per_image": per_image,
+            "num_workers": sorted({int(r["workers"]) for r in rows}),
+            "model": data.get("meta", {}).get("model"),
             "sync_s": statistics.median(r["sync_s"] for r in rows)}
 
 
@@ -165,15 +180,16 @@ def read_bench_json(path: str) -> str:
     """Which benchmark wrote ``path``: ``"allreduce"`` or ``"throughput"``."""
     try:
         with open(path) as handle:
-            results = json.load(handle)["results"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+            data = json.load(handle)
+        runs, results = data.get("runs"), data.get("results")
+    except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: not a bench allreduce/throughput --json file ({err})") from err
-    if results and "compute_s" in results[0]:
+    if runs and isinstance(runs, list) and "compute_s" in runs[0]:
         return "throughput"
-    if results and "median_s" in results[0] and "bytes" in results[0]:
+    if results and isinstance(results, list) and "median_s" in results[0] and "bytes" in results[0]:
         return "allreduce"
-    raise ValueError(f"{path}: neither bench allreduce (median_s, bytes) nor bench throughput "
-                     "(compute_s) rows")
+    raise ValueError(f"{path}: neither bench allreduce (results with median_s, bytes) nor "
+                     "bench throughput (runs with compute_s)")
 
 
 # --- overlap of the gradient all-reduce with the backward pass --------------------------

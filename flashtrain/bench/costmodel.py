@@ -37,6 +37,7 @@ from flashtrain.costmodel import (
     load_profile,
     predict_abci,
     read_bench_json,
+    throughput_grid_runs,
 )
 from flashtrain.topology import Grid
 
@@ -126,24 +127,27 @@ def sensitivity(profile, model: StepModel) -> list[dict]:
 
 
 def local_check(link, compute: dict, throughput_path: str) -> list[dict]:
-    """The model with this machine's fitted constants against the sync time the
-    throughput run measured (every link is the same loopback: intra = inter)."""
+    """The model with this machine's fitted constants against the sync time each grid run
+    of the throughput file measured (every link is the same loopback: intra = inter)."""
     from flashtrain.plan import count_parameters
 
     with open(throughput_path) as handle:
         data = json.load(handle)
-    grid = Grid.parse(data["meta"]["grid"])
     params = count_parameters(data["meta"]["model"], 10)  # bench throughput's 10 classes
-    cluster = Cluster(intra=link, inter=link, workers_per_node=grid.cols, inter_links_per_node=grid.cols)
     names = {"flat": "ring", "torus": "torus", "hierarchical": "hierarchical"}
     rows = []
-    for r in data["results"]:
-        if r["algo"] in names:
-            predicted = allreduce_time(names[r["algo"]], params * 4, grid.cols, grid.rows, cluster)
-            rows.append({"algo": r["algo"], "measured_sync_s": r["sync_s"], "predicted_sync_s": predicted,
-                         "measured_compute_s": r["compute_s"],
-                         "predicted_compute_s": compute["seconds_per_image"]
-                         * r["global_batch"] / grid.num_workers})
+    for r in throughput_grid_runs(data):
+        if r["algo"] not in names:
+            continue
+        grid = Grid.parse(r["grid"])
+        cluster = Cluster(intra=link, inter=link, workers_per_node=grid.cols,
+                          inter_links_per_node=grid.cols)
+        predicted = allreduce_time(names[r["algo"]], params * 4, grid.cols, grid.rows, cluster)
+        rows.append({"algo": r["algo"], "grid": r["grid"], "repeat": r.get("repeat"),
+                     "measured_sync_s": r["sync_s"], "predicted_sync_s": predicted,
+                     "measured_compute_s": r["compute_s"],
+                     "predicted_compute_s": compute["seconds_per_image"]
+                     * r["global_batch"] / grid.num_workers})
     return rows
 
 
@@ -166,7 +170,7 @@ def run_fits(paths: list[str]) -> dict:
         fits["check"] = local_check(link, fits["compute"], fits["compute"]["file"])
         print("this machine, fitted constants vs the throughput run (no overlap):")
         for row in fits["check"]:
-            print(f"  {row['algo']:>13}: sync predicted {row['predicted_sync_s'] * 1e3:.0f} ms, "
+            print(f"  {row['algo']:>13} {row['grid']} round {row['repeat']}: sync predicted {row['predicted_sync_s'] * 1e3:.0f} ms, "
                   f"measured {row['measured_sync_s'] * 1e3:.0f} ms")
     return fits
 

@@ -4,6 +4,7 @@ run as a user runs them (a subprocess each: both start and stop their own Ray)."
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,12 @@ def test_throughput_interleaves_flashtrain_and_the_plain_ddp_loop(tmp_path):
                              for step in steps)
         assert (run_dir / "step_split.png").stat().st_size > 0
     assert "raytrain_ddp" in result.stdout and "vs peer" in result.stdout
+    # The cost model fits this machine's compute from exactly this file.
+    fit = run_bench("costmodel", "--fit", str(out), "--json", str(tmp_path / "cost.json"))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    compute = json.loads((tmp_path / "cost.json").read_text())["fit"]["compute"]
+    assert compute["seconds_per_image"] == pytest.approx(statistics.median(
+        run["compute_s"] / 8 for run in data["runs"] if run["system"] == "flashtrain_torus"))
 
 
 def test_throughput_refuses_an_odd_worker_count():

@@ -174,14 +174,20 @@ def write_allreduce_json(path, truth: Link, n: int) -> None:
 
 
 def write_throughput_json(path, seconds_per_image: float, n: int, batch: int) -> None:
+    """A document of the shape ``bench throughput --json`` writes (checked against the real
+    bench in tests/integration/test_bench_tools.py): grid runs of three algorithms and the
+    plain peer, which the fit must leave out."""
     share = batch / n
-    rows = [{"algo": algo, "global_batch": batch, "compute_s": seconds_per_image * share,
-             "sync_s": sync, "step_s": seconds_per_image * share + sync}
+    runs = [{"system": f"flashtrain_{algo}", "workers": n, "repeat": 0, "grid": "2x2",
+             "global_batch": batch, "compute_s": seconds_per_image * share, "sync_s": sync,
+             "step_s": seconds_per_image * share + sync}
             for algo, sync in (("flat", 0.3), ("torus", 0.4), ("hierarchical", 0.5))]
-    rows.append({"algo": "single_process", "global_batch": batch // n, "compute_s": 9.0, "sync_s": 0.0,
-                 "step_s": 9.0})
-    path.write_text(json.dumps({"meta": {"num_workers": n, "grid": "2x2", "model": "tiny_cnn"},
-                                "results": rows}))
+    runs.append({"system": "raytrain_ddp", "workers": n, "repeat": 0, "grid": None,
+                 "global_batch": batch, "step_s": 9.0})
+    runs.append({"system": "flashtrain_torus", "workers": 1, "repeat": 0, "grid": "1x1",
+                 "global_batch": share, "compute_s": 9.0, "sync_s": 0.0, "step_s": 9.0})
+    path.write_text(json.dumps({"meta": {"workers": [1, n], "model": "tiny_cnn"},
+                                "summary": [], "runs": runs}))
 
 
 def test_fit_recovers_known_constants_from_bench_json(tmp_path):
