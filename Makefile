@@ -29,9 +29,10 @@ $(CHROMIUM):
 		|| echo "make: could not install chromium; the browser test of report.html will be skipped"
 
 # One pytest run over the three tiers (unit, integration, gpu): one closing line that
-# counts everything; without CUDA the gpu tier is reported as skipped.
+# counts everything; without CUDA the gpu tier is reported as skipped. The 25 slowest
+# tests are listed before it, so a CI log shows where the suite's time goes.
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q -rs tests/unit tests/integration tests/gpu
+	$(PY) -m pytest -q -rs --durations=25 tests/unit tests/integration tests/gpu
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
