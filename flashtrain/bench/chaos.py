@@ -279,10 +279,17 @@ class ChaosRun:
         outcome.victim = f"pid {pids[actor]}" if actor else "no live member"
 
     def _fire_kill_all_workers(self, fault, grid, pids, outcome: Outcome) -> None:
+        from flashtrain.bench.killer import alive_actor_pids
+
+        # Every worker process of the job, read at the moment of the kill: the grid last
+        # seen in metrics.jsonl can be a generation behind (a replacement that joined at
+        # the last commit holds that commit before the job records its new grid), and a
+        # survivor would turn "every worker lost" into an ordinary re-form.
+        everyone = {**pids, **alive_actor_pids("Worker")}
         outcome.fired_at = time.time()
-        for pid in pids.values():
+        for pid in everyone.values():
             faults.send(pid, signal.SIGKILL)
-        outcome.victim = f"{len(pids)} pids"
+        outcome.victim = f"{len(everyone)} pids"
 
     def _fire_stall_worker(self, fault, grid, pids, outcome: Outcome) -> None:
         actor = faults.choose(list(pids), fault.pick) if pids else None
