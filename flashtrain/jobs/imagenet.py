@@ -291,12 +291,7 @@ class SegmentClock:
         first, last = segment_steps(records)
         if summary is not None:
             last = summary["global_steps"] - 1 if summary["global_steps"] > (first or 0) else None
-        totals = getattr(trainer, "totals", None)
-        samples = getattr(totals, "samples", None)
-        seconds = getattr(totals, "train_seconds", None)
-        if samples is None or seconds is None:  # the trainer keeps no totals: the step records
-            samples = sum(r.get("samples", 0) for r in records if r.get("kind") == "step")
-            seconds = sum(r.get("step_seconds", 0.0) for r in records if r.get("kind") == "step")
+        samples, seconds = trainer.totals.samples, trainer.totals.train_seconds
         return append_segment(self.run_dir, Segment(
             start=self.started.isoformat(timespec="seconds"),
             end=datetime.now(timezone.utc).isoformat(timespec="seconds"),
