@@ -140,11 +140,12 @@ def run_seed(seed: int, grid: Grid, faults_per_run: int = 2, costs: SimCosts = P
 
 def run_config(config: FlashtrainConfig, num_samples: int, grid: Grid, costs: SimCosts,
                plan: FaultPlan, *, seed: int = 0, horizon_s: float = 7200.0,
-               keep_trace: bool = True) -> SimRecord:
+               keep_trace: bool = True, nodes: int | None = None) -> SimRecord:
     """Simulate a run of ``config`` over ``num_samples`` samples with ``plan``'s faults
-    (the grid's nodes hold its rows) and check the invariants."""
+    and check the invariants. The cluster has ``nodes`` nodes (default: one per row of
+    ``grid``) of ``grid.cols`` worker slots each."""
     record = SimRecord(seed, str(grid), [f.describe() for f in plan.faults])
-    group = SimWorkerGroup(config, costs, plan, nodes=grid.rows, slots=grid.cols,
+    group = SimWorkerGroup(config, costs, plan, nodes=nodes or grid.rows, slots=grid.cols,
                            horizon_s=horizon_s, trace=keep_trace)
     group.log(f"seed {seed} grid {grid} faults {record.faults}")
     cpu = time.process_time()

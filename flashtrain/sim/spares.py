@@ -151,7 +151,10 @@ class SimSpares(SparePool):
                 group.log(f"fault {fault.describe()} -> {victim.actor.name}")
                 self._doomed[id(victim)] = group.t + timeout_s * fault.where
         while True:
-            self.catch_up()
+            # poll first: a spare ready at this very moment is ready, not one to wait for
+            # (seen as a warm spare that started with the grid and held the start for
+            # the whole timeout)
+            self.poll()
             waiting = [m for m, _ in self._starting if wanted is None or id(m) in wanted]
             times = [m.actor.ready_at for m in waiting if m.placed_at is not None]
             times += [self._doomed[id(m)] for m in waiting if id(m) in self._doomed]

@@ -1,7 +1,12 @@
 """Elasticity on a real multi-node Ray (``ray.cluster_utils.Cluster`` on this machine).
 
 Every run must finish, train every sample of every epoch exactly once (summary.json's
-samples_per_epoch), record each re-form, and keep the loss curve going.
+samples_per_epoch), record each re-form, and keep the loss curve going. These are the
+scenarios only real processes show: a node removed from the cluster, a worker dying
+inside gloo's all-reduce, a stall past the collective timeout, a SIGKILL from outside,
+the last commit on disk. Those decided by the control plane alone (repeated churn, a
+death inside a commit, planned resizes, a warm spare) run on the simulator, in
+``tests/unit/test_sim_scenarios.py``.
 """
 
 from __future__ import annotations
@@ -112,59 +117,12 @@ def test_worker_killed_inside_the_allreduce(cluster, tmp_path, fanout):
     assert summary["final_grid"] == "2x2"
 
 
-def test_a_warm_spare_replaces_the_lost_worker_in_the_same_reform(cluster, tmp_path):
-    cluster.add_node(num_cpus=2)  # room for the spare on a third node
-    summary, records = train(cluster, tmp_path, ["faults.kill_worker_at_steps=[12]",
-                                                 "elastic.warm_spares=1"])
-    assert_exactly_once_and_learning(summary, records)
-    first = summary["reforms"][0]
-    # No worker short: 2 + 1 + 1 on three nodes, rows may not straddle nodes, so 4x1.
-    assert (first["old_grid"], first["new_grid"]) == ("2x2", "4x1")
-    assert first["steps_rolled_back"] == 0  # 12 is a commit step: it died right after
-
-
-def test_worker_killed_during_a_commit(cluster, tmp_path):
-    summary, records = train(cluster, tmp_path, ["faults.kill_worker_at_steps=[7]",
-                                                 "faults.kill_during=commit"])
-    assert_exactly_once_and_learning(summary, records)
-    first = summary["reforms"][0]
-    # Died inside the commit at step 9: everyone returns to the commit at step 6.
-    assert (first["failed_step"], first["resume_step"], first["steps_rolled_back"]) == (9, 6, 3)
-    assert first["new_grid"] == "3x1"
-
-
 def test_stalled_worker_hits_the_collective_timeout(cluster, tmp_path):
     summary, records = train(cluster, tmp_path, ["faults.stall_worker_at_steps=[5]"])
     assert_exactly_once_and_learning(summary, records)
     first = summary["reforms"][0]
     assert "CollectiveTimeoutError" in first["cause"]
     assert first["failed_step"] in (5, 6)
-
-
-def test_repeated_churn(cluster, tmp_path):
-    kills = [5, 60, 130, 200]
-    summary, records = train(cluster, tmp_path, [f"faults.kill_worker_at_steps={kills}"] + LONG)
-    assert_exactly_once_and_learning(summary, records)
-    losses = [r for r in summary["reforms"] if r["cause"] != "grow"]
-    assert [r["failed_step"] for r in losses] == kills
-    assert all(r["steps_rolled_back"] <= 3 for r in losses)
-
-
-def test_planned_resizes_follow_the_schedule_phases(cluster, tmp_path):
-    phases = ("schedule.phases=[{start_epoch: 0, global_batch: 32, grid: 2x2}, "
-              "{start_epoch: 1, global_batch: 32, grid: 1x2}, "
-              "{start_epoch: 2, global_batch: 64, grid: 2x2}]")
-    summary, records = train(cluster, tmp_path, ["schedule.epochs=5", phases])
-    assert_exactly_once_and_learning(summary, records)
-    grids = {}
-    for record in records:
-        if record["kind"] == "step":
-            grids.setdefault(record["epoch"], set()).add(record["grid"])
-    assert grids[0] == {"2x2"} and grids[1] == {"1x2"}
-    assert "2x2" in grids[4]  # grown back once the requested workers were ready
-    causes = [r["cause"] for r in summary["reforms"]]
-    assert causes[0] == "phase" and "grow" in causes
-    assert all(r["steps_rolled_back"] == 0 for r in summary["reforms"])
 
 
 def test_below_min_workers_fails_with_a_checkpoint_of_the_last_commit(cluster, tmp_path):

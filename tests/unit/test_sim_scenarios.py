@@ -1,0 +1,81 @@
+"""The elastic scenarios whose outcome is the control plane's decisions alone, run by the
+real driver loop and controller on simulated members (:mod:`flashtrain.sim`), with the
+configuration and fault steps of the real-Ray tests they replaced (repeated churn, a
+death inside a commit, planned resizes, a warm spare). What only real processes show (a
+SIGKILL from outside, gloo's abort, a node leaving, a stall past the collective timeout)
+stays in ``tests/integration/test_elastic.py``.
+
+Each run also passes every invariant of the simulator: every epoch trained every sample
+exactly once, no committed step lost, replicas identical at every commit, the clock and
+the members agree, recoveries bounded, the grid grown back."""
+
+from __future__ import annotations
+
+from flashtrain.sim.costs import CPU_2X2
+from flashtrain.sim.faults import Fault, FaultPlan
+from flashtrain.sim.run import SimRecord, run_config, sim_config
+from flashtrain.topology import Grid
+
+# test_elastic.py's settings that the decisions depend on: commit every 3 steps, a 4 s
+# collective timeout; 12 steps per epoch.
+BASE = ("collective.timeout_s=4", "elastic.commit_every_steps=3")
+
+
+def simulate(overrides: list[str], faults: list[Fault], *, epochs: int = 2,
+             nodes: int | None = None) -> SimRecord:
+    grid = Grid(2, 2)
+    config, num_samples = sim_config(grid, BASE + tuple(overrides), epochs)
+    record = run_config(config, num_samples, grid, CPU_2X2, FaultPlan(faults), nodes=nodes)
+    assert record.outcome == "finished", record.outcome
+    assert record.ok, record.violations
+    assert record.invariants["exactly_once"] and record.invariants["no_committed_step_lost"]
+    return record
+
+
+def killed_at(step: int, where: str = "collective") -> Fault:
+    """The last live member dies in ``step`` (as ``faults.kill_worker_at_steps`` does)."""
+    return Fault(where, 0, 1.0, 0.5, at_step=step)
+
+
+def losses(record: SimRecord) -> list[dict]:
+    return [r for r in record.recoveries if r["cause"] not in ("grow", "phase")]
+
+
+def test_repeated_churn_loses_at_most_a_commit_interval_each_time():
+    kills = [5, 30, 50, 66]
+    record = simulate([], [killed_at(s) for s in kills], epochs=6)
+    assert [r["failed_step"] for r in losses(record)] == kills
+    assert all(r["failed_step"] - r["resume_step"] <= 3 for r in losses(record))
+    # each loss shrinks to 3x1 and the replacement grows it back
+    assert [r["new_grid"] for r in record.recoveries] == ["3x1", "2x2"] * len(kills)
+    assert record.final_grid == "2x2"
+
+
+def test_a_death_inside_a_commit_returns_everyone_to_the_commit_before():
+    record = simulate([], [killed_at(7, where="commit")])
+    first = record.recoveries[0]
+    # The window of steps 7-9 commits at 9; a death in that commit: back to step 6.
+    assert (first["failed_step"], first["resume_step"], first["new_grid"]) == (9, 6, "3x1")
+    assert record.final_grid == "2x2"
+
+
+def test_planned_resizes_follow_the_schedule_phases_without_losing_a_step():
+    phases = ("schedule.phases=[{start_epoch: 0, global_batch: 8, grid: 2x2}, "
+              "{start_epoch: 1, global_batch: 8, grid: 1x2}, "
+              "{start_epoch: 2, global_batch: 16, grid: 2x2}]")
+    record = simulate([phases], [], epochs=5)
+    assert [(r["cause"], r["old_grid"], r["new_grid"]) for r in record.recoveries] == \
+        [("phase", "2x2", "1x2"), ("grow", "1x2", "2x2")]
+    assert all(r["failed_step"] == r["resume_step"] for r in record.recoveries)
+    assert record.final_grid == "2x2"
+
+
+def test_a_warm_spare_replaces_the_lost_member_in_the_same_reform():
+    # Three nodes of two slots: four members and the spare. Rows may not straddle
+    # nodes, so 2 + 1 + 1 workers make a 4x1 grid, and nobody is short.
+    record = simulate(["elastic.warm_spares=1"], [killed_at(12)], nodes=3)
+    first = record.recoveries[0]
+    assert (first["old_grid"], first["new_grid"]) == ("2x2", "4x1")
+    assert first["failed_step"] == first["resume_step"] == 12  # it died right after a commit
+    # the spare started with the grid: the run did not wait for it past a process start
+    assert first["time"] < 60, first
