@@ -101,12 +101,12 @@ def test_dry_run_trains_on_two_launched_nodes_and_stops_them(share_dir, tmp_path
 def test_a_host_that_never_joins_stops_the_launch(share_dir, tmp_path):
     result = run_launcher(
         ["--dry-run", "--hosts", f"node-0,{NEVER_JOINS}", "--remote-exec", HANGING_HOST_EXEC,
-         "--share-dir", str(share_dir), "--join-timeout", "60", "--stop-timeout", "15", "--",
+         "--share-dir", str(share_dir), "--join-timeout", "20", "--stop-timeout", "8", "--",
          "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(tmp_path / "run")],
         timeout_s=300)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "did not join" in result.stderr or "did not start" in result.stderr, result.stderr
-    missing_line = next(line for line in result.stderr.splitlines() if "within 60s" in line)
+    missing_line = next(line for line in result.stderr.splitlines() if "within 20s" in line)
     assert NEVER_JOINS in missing_line
     # node-0's agent stopped its Ray; the hung remote exec of node-never had to be killed
     assert f"no stop confirmed by {NEVER_JOINS} " in result.stderr, result.stderr[-3000:]
