@@ -299,7 +299,8 @@ class Trainer:
         faults = self.config.faults
         return any(plan.global_step in steps for steps in (
             faults.kill_worker_at_steps, faults.stall_worker_at_steps,
-            faults.remove_node_at_steps, faults.add_node_at_steps))
+            faults.perturb_replica_at_steps, faults.remove_node_at_steps,
+            faults.add_node_at_steps))
 
     def _window_failure(self, err: BaseException, plans: list[StepPlan]) -> StepFailed:
         """The failure of a window, placed at the step it ended in: the furthest any

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from flashtrain.algorithm import choose_algorithm
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.faults import FaultInjector
+from flashtrain.elastic.replicas import divergence
 from flashtrain.elastic.worker_group import Clock, Member, WorkerGroup
 from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
@@ -78,6 +79,18 @@ class StepFailed(RuntimeError):
 
 class ElasticAbort(RuntimeError):
     """The run cannot continue (too few workers for too long, too many re-forms)."""
+
+
+class ReplicasDiverged(ElasticAbort):
+    """The members' commits differ (``elastic.check_replicas``): training on would only
+    average the difference in; the run stops, naming the ranks and tensors, and the
+    commit before (checked equal) is the last one kept."""
+
+    def __init__(self, step: int, message: str):
+        self.step = step
+        super().__init__(f"{message} (a bug or a silent hardware fault: the checkpoints "
+                         f"before step {step} hold replicas that were checked equal; "
+                         "elastic.check_replicas=false skips this check)")
 
 
 class GridLost(ElasticAbort):
@@ -279,10 +292,27 @@ class ElasticController:
 
     def members_committed(self, clock: Clock) -> None:
         """Every member holds a commit of the clock's position (it committed at the end of
-        its step window): commit the clock, then grow if spares are ready."""
+        its step window): check that they hold the same model, commit the clock, then
+        grow if spares are ready."""
+        if self.config.elastic.check_replicas:
+            self._check_replicas(clock.state()["global_step"])
         self.committed_step = clock.commit()["global_step"]
         self.metrics.event("commit", global_step=self.committed_step)
         self._grow_if_ready(clock)
+
+    def _check_replicas(self, step: int) -> None:
+        """Every member's digest of its commit of ``step`` is the same; else
+        :class:`ReplicasDiverged`, with the tensors that differ (asked for only then:
+        the digests are a few bytes per member, the per-tensor lists a few KB)."""
+        digests = self.run_on_grid("replica_digest", step, step=step)
+        if len(set(digests)) <= 1:
+            return
+        checksums = self.run_on_grid("replica_digest", step, True, step=step)
+        message = divergence(step, checksums)
+        if message is None:  # the digests differed: so must the lists they summarise
+            message = f"replicas diverged at the commit of step {step}: digests {digests}"
+        self.metrics.event("replicas_diverged", global_step=step, message=message)
+        raise ReplicasDiverged(step, message)
 
     def load_state(self, payload: dict, members: list[Member] | None = None) -> None:
         """Load a checkpoint payload's model/optimizer/scaler into ``members`` (default:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flashtrain.elastic.replicas import digest_of, divergence
 from flashtrain.elastic.worker_group import Clock, Gathered, Member, WorkerGroup
 from flashtrain.sim.costs import SimCosts
 from flashtrain.sim.faults import FaultPlan
@@ -201,6 +202,10 @@ class SimWorkerGroup(WorkerGroup):
         if method == "commit":
             sim.commit(args[0])
             return 0
+        if method == "replica_digest":  # a simulated model is one "tensor": its chain
+            link = sim.commits.get(args[0])
+            digest = link.digest if link is not None else f"no commit of step {args[0]}"
+            return {"model": digest} if len(args) > 1 and args[1] else digest_of({"model": digest})
         if method == "rollback":
             sim.rollback(args[0])
             return None
@@ -380,12 +385,13 @@ class SimWorkerGroup(WorkerGroup):
         """Every member of the grid holds a commit of ``step``, the same model, with
         exactly ``step`` steps applied (the clock and the members agree)."""
         live = [m for m in self.grid_members if m.actor.alive]
-        held = {m.actor.commits.get(step) for m in live}
-        digests = sorted({h.digest if h is not None else "none" for h in held})
-        if len(digests) != 1 or digests[0] == "none":
-            self.violations.append(f"replicas differ at the commit of step {step}: {digests}")
+        held = [m.actor.commits.get(step) for m in live]
+        models = [{"model": h.digest if h is not None else "none"} for h in held]
+        message = divergence(step, models)
+        if message is not None or models[0]["model"] == "none":
+            self.violations.append(message or f"no member holds a commit of step {step}")
             return
-        link = next(iter(held))
+        link = held[0]
         if link.depth != step:
             self.violations.append(f"the clock commits step {step} but the members hold "
                                    f"{link.depth} steps")

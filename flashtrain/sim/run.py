@@ -21,7 +21,7 @@ import numpy as np
 
 from flashtrain.config import FlashtrainConfig, load_config
 from flashtrain.driver.trainer import Trainer
-from flashtrain.elastic.controller import ElasticAbort
+from flashtrain.elastic.controller import ElasticAbort, ReplicasDiverged
 from flashtrain.sim.costs import PAPER, SimCosts
 from flashtrain.sim.faults import FaultPlan, schedule_for
 from flashtrain.sim.group import SimHung, SimWorkerGroup
@@ -153,6 +153,9 @@ def run_config(config: FlashtrainConfig, num_samples: int, grid: Grid, costs: Si
         try:
             trainer.train()
             record.outcome = "finished"
+        except ReplicasDiverged as err:  # the real check found what check_commit looks for
+            record.outcome = f"aborted: {err}".splitlines()[0]
+            group.violations.append(str(err))
         except ElasticAbort as err:
             record.outcome = f"aborted: {err}".splitlines()[0]
         except SimHung as err:
