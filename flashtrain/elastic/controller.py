@@ -294,10 +294,13 @@ class ElasticController:
         """Every member holds a commit of the clock's position (it committed at the end of
         its step window): check that they hold the same model, commit the clock, then
         grow if spares are ready."""
+        checked = self.group.now()
         if self.config.elastic.check_replicas:
             self._check_replicas(clock.state()["global_step"])
+        checked = self.group.now() - checked
         self.committed_step = clock.commit()["global_step"]
-        self.metrics.event("commit", global_step=self.committed_step)
+        self.metrics.event("commit", global_step=self.committed_step,
+                           replica_check_s=round(checked, 6))
         self._grow_if_ready(clock)
 
     def _check_replicas(self, step: int) -> None:

@@ -43,6 +43,11 @@ class SimCollectiveError(RuntimeError):
         self.window_step = window_step
 
 
+class DriverKilled(BaseException):
+    """The driver process was killed (a SIGKILL: nothing of it runs on, so nothing in it
+    catches this); the members it owned die with it."""
+
+
 class SimHung(RuntimeError):
     """Virtual time passed the run's horizon: something waits forever."""
 
@@ -89,6 +94,7 @@ class SimWorkerGroup(WorkerGroup):
         self.num_started = 0
         self.spares = SimSpares(self, nodes, slots)
         self.window = WindowSim(self)
+        self.driver_dies_at: float | None = None  # a "driver" fault armed for this moment
 
     # -- time and trace ----------------------------------------------------------------
 
@@ -102,6 +108,10 @@ class SimWorkerGroup(WorkerGroup):
         self.advance(self.t + seconds)
 
     def advance(self, to: float) -> None:
+        if self.driver_dies_at is not None and to >= self.driver_dies_at:
+            self.t, self.driver_dies_at = max(self.t, self.driver_dies_at), None
+            self.log("driver killed")
+            raise DriverKilled(f"the driver was killed at {self.t:.6f}s")
         if to > self.horizon_s:
             raise SimHung(f"virtual time would pass the horizon {self.horizon_s:g}s")
         self.t = max(self.t, to)
@@ -110,6 +120,27 @@ class SimWorkerGroup(WorkerGroup):
     def log(self, message: str) -> None:
         if self.lines is not None:
             self.lines.append(f"{self.t:14.6f} {message}")
+
+    def restarted(self, after_s: float) -> SimWorkerGroup:
+        """The group of a driver resumed ``after_s`` after this one's was killed: the
+        same cluster (nodes that left stay gone, those due to return still return), the
+        same fault plan, trace and virtual time; every member of this one died with
+        the driver."""
+        for member in self.grid_members:
+            member.actor.alive = False
+        new = SimWorkerGroup(self.config, self.costs, self.plan, nodes=0,
+                             slots=self.spares.slots_per_node, horizon_s=self.horizon_s,
+                             trace=False)
+        new.spares.capacity = dict(self.spares.capacity)
+        new.spares.used = dict.fromkeys(new.spares.capacity, 0)
+        new.spares.returns = list(self.spares.returns)
+        new.t, new.lines, new.violations = self.t, self.lines, self.violations
+        new.memo, new.commits_seen, new.num_started = self.memo, self.commits_seen, \
+            self.num_started
+        new.window.cpu_s = self.window.cpu_s
+        new.advance(self.t + after_s)
+        new.log(f"driver resumed ({after_s:g}s after it was killed)")
+        return new
 
     # -- failures --------------------------------------------------------------------
 
