@@ -38,18 +38,24 @@ def reference_rank(totals: list[str]) -> int:
     return next(rank for rank, total in enumerate(totals) if counts[total] == best)
 
 
-def divergence(step: int, checksums: list[Mapping[str, object]]) -> str | None:
-    """None when every rank's checksums are equal; else one message naming each rank
-    that differs from the reference rank and the tensors in which it does, e.g.
+def divergence(step: int, checksums: list[Mapping[str, object]] | Mapping[int, Mapping],
+               reference: int | None = None) -> str | None:
+    """None when every rank's checksums are equal (``checksums``: per rank, a list in
+    rank order or a dict of some ranks); else one message naming each rank that differs
+    from the reference rank (``reference``, default :func:`reference_rank`'s) and the
+    tensors in which it does, e.g.
     ``replicas diverged at the commit of step 40: rank 2 differs from rank 0 in
     layer1.0.conv1.weight, optimizer state of layer1.0.conv1.weight (momentum_buffer)``."""
-    totals = [digest_of(c) for c in checksums]
-    if len(set(totals)) <= 1:
+    by_rank = checksums if isinstance(checksums, Mapping) else dict(enumerate(checksums))
+    ranks = sorted(by_rank)
+    totals = {rank: digest_of(by_rank[rank]) for rank in ranks}
+    if len(set(totals.values())) <= 1:
         return None
-    ref = reference_rank(totals)
-    base = checksums[ref]
+    ref = reference if reference is not None else ranks[reference_rank([totals[r] for r in ranks])]
+    base = by_rank[ref]
     parts = []
-    for rank, mine in enumerate(checksums):
+    for rank in ranks:
+        mine = by_rank[rank]
         if totals[rank] == totals[ref]:
             continue
         names = sorted(n for n in set(base) | set(mine) if base.get(n) != mine.get(n))

@@ -12,9 +12,11 @@ collective timeout passes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
+from flashtrain.elastic.replicas import digest_of
 from flashtrain.schedule import split_batch
 from flashtrain.sim.members import combined_ids
 from flashtrain.train.clock import StepResult
@@ -207,4 +209,8 @@ class WindowSim:
                 continue
             if commit:
                 member.actor.commit(plans[-1].global_step + 1)
+                if g.config.elastic.check_replicas:  # as the real worker's answer carries it
+                    digest = digest_of({"model": member.actor.model.digest})
+                    results[id(member)][-1] = dataclasses.replace(
+                        results[id(member)][-1], replicas=((digest, (member.actor.rank,)),))
             call.done_at, call.value = done, results[id(member)]

@@ -219,6 +219,9 @@ class Worker:
             except Exception as err:
                 err.window_step = plans[-1].global_step + 1
                 raise
+            if self._config.elastic.check_replicas:  # the digest rides on the answer
+                digest = self.replica_digest(plans[-1].global_step + 1)
+                results[-1] = dataclasses.replace(results[-1], replicas=((digest, (self.rank,)),))
         return results
 
     def set_relay(self, relay: WindowRelay) -> None:
