@@ -18,9 +18,10 @@ from pathlib import Path
 from flashtrain.config import FlashtrainConfig
 from flashtrain.driver.progress import Progress
 from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridLost, StepFailed
-from flashtrain.elastic.worker_group import Clock, WorkerGroup
+from flashtrain.elastic.worker_group import Clock, Member, WorkerGroup
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
+from flashtrain.topology import Grid
 from flashtrain.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -175,6 +176,26 @@ class Trainer:
         summary = self._summary(datasets, num_samples, self.group.now() - started, final)
         self._write_outputs(summary)
         return summary
+
+    # -- the step loop alone, over a grid formed elsewhere (benchmarks of the driver) --
+
+    def adopt_grid(self, grid: Grid, members: list[Member], clock_state: dict) -> None:
+        """Take ``members`` (already started and formed, e.g. the control benchmark's
+        stub workers) as the grid in force, and start the clock at ``clock_state``:
+        what :meth:`train_steps` needs, without forming, a start commit or checkpoints."""
+        self.controller = ElasticController(self.config, self.group, self.metrics, self.say,
+                                            cluster=self.cluster)
+        self.controller.adopt(grid, members)
+        self._start_clock(clock_state)
+        self.clock.state()  # the clock's process has started
+
+    def train_steps(self, progress: Progress | None = None) -> None:
+        """The step loop alone (windows, commits, the validations and checkpoints at
+        their boundaries), from the clock's position to the end of the schedule, after
+        :meth:`adopt_grid`."""
+        steps = self.config.runtime.max_steps or 0
+        self._loop(progress or Progress(steps, self.clock.state()["global_step"],
+                                        enabled=False))
 
     def _take_start(self, durable: bool) -> None:
         """Commit the starting state on every member and, for a fresh run, write it
