@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from flashtrain.algorithm import choose_algorithm
 from flashtrain.config import FlashtrainConfig
 from flashtrain.elastic.faults import FaultInjector
-from flashtrain.elastic.replicas import divergence, reference_rank
 from flashtrain.elastic.worker_group import Clock, Member, WorkerGroup
 from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
 from flashtrain.train.clock import StepPlan, StepResult
 from flashtrain.train.metrics import MetricsWriter
+from flashtrain.train.replicas import divergence, reference_rank
 from flashtrain.train.window import HOP_S, classify, merge_replicas, reached_by
 
 log = logging.getLogger(__name__)

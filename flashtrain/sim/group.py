@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flashtrain.elastic.replicas import digest_of, divergence
 from flashtrain.elastic.worker_group import Clock, Gathered, Member, WorkerGroup
 from flashtrain.sim.costs import SimCosts
 from flashtrain.sim.faults import FaultPlan
@@ -23,6 +22,7 @@ from flashtrain.sim.members import SimMember, StepMemo
 from flashtrain.sim.spares import SimSpares
 from flashtrain.sim.window import WindowSim
 from flashtrain.train.clock import ScheduleKeeper
+from flashtrain.train.replicas import digest_of, divergence
 
 WALL_ORIGIN = 1_800_000_000.0  # virtual wall time = this + virtual monotonic time
 

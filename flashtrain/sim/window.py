@@ -16,10 +16,10 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from flashtrain.elastic.replicas import digest_of
 from flashtrain.schedule import split_batch
 from flashtrain.sim.members import combined_ids
 from flashtrain.train.clock import StepResult
+from flashtrain.train.replicas import digest_of
 from flashtrain.train.window import WindowAnswer, children_of, tree_depth
 
 _PHASES = ("start", "compute", "collective", "commit")

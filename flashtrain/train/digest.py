@@ -1,4 +1,4 @@
-"""Per-tensor checksums of a replica: what :mod:`flashtrain.elastic.replicas` compares
+"""Per-tensor checksums of a replica: what :mod:`flashtrain.train.replicas` compares
 across the grid at every commit.
 
 A checksum is the wrapping (mod 2**64) integer sum of a tensor's bytes read as 64-bit

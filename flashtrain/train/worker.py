@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from flashtrain import collective
 from flashtrain.config import FlashtrainConfig
-from flashtrain.elastic.replicas import digest_of
 from flashtrain.topology import Grid
 from flashtrain.train.amp import LossScaler
 from flashtrain.train.clock import StepPlan, StepResult
@@ -34,6 +33,7 @@ from flashtrain.train.digest import replica_checksums
 from flashtrain.train.loader import make_train_stream
 from flashtrain.train.models import build_model, parameter_groups
 from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay
+from flashtrain.train.replicas import digest_of
 
 CONTROL_GROUP = "control"
 WINDOW_GRACE_S = 10.0  # beyond the collective timeout, for a relayed window to end
@@ -372,7 +372,7 @@ class Worker:
 
     def replica_digest(self, step: int, detail: bool = False) -> str | dict[str, str]:
         """The digest of this member's commit of ``step`` (see
-        :mod:`flashtrain.elastic.replicas`); with ``detail``, its per-tensor checksums."""
+        :mod:`flashtrain.train.replicas`); with ``detail``, its per-tensor checksums."""
         if step not in self._digests:
             raise RuntimeError(f"rank {self.rank} holds commits {sorted(self._commits)}, "
                                f"not step {step}")

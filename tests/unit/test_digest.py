@@ -8,8 +8,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from flashtrain.elastic.replicas import digest_of, divergence
 from flashtrain.train.digest import replica_checksums, tensor_checksum
+from flashtrain.train.replicas import digest_of, divergence
 
 
 def _replica(seed: int = 0):
