@@ -327,7 +327,8 @@ class ElasticController:
         members = [self.state.members[r] for r in ranks]
         detail = self.group.call_each(members, "replica_digest", step, True,
                                       timeout=self.timeout)
-        message = divergence(step, dict(zip(ranks, detail, strict=True)), reference=ref)
+        message = divergence(step, dict(zip(ranks, detail, strict=True)), reference=ref) or (
+            f"replicas diverged at the commit of step {step}: digests {replicas}")
         self.metrics.event("replicas_diverged", global_step=step, message=message)
         raise ReplicasDiverged(step, message)
 
