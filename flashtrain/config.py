@@ -197,6 +197,11 @@ class ElasticConfig(_Section):
 
     enabled: bool = Field(True, description="Re-form the grid on failures and new resources.")
     commit_every_steps: int = Field(5, ge=1, description="In-memory commit interval (steps).")
+    check_replicas: bool = Field(True, description="At every commit, compare a digest of "
+                                 "each member's parameters, synchronised buffers, optimizer "
+                                 "and loss-scaler state across the grid; replicas that differ "
+                                 "stop the run, naming the ranks and tensors (README: Replica "
+                                 "digest, for its cost). false: skip the check.")
     min_workers: int = Field(1, ge=1, description="Below this many workers, wait for resources.")
     wait_for_resources_s: float = Field(60.0, ge=0, description="How long to wait below "
                                         "min_workers before failing with a checkpoint.")
@@ -215,6 +220,10 @@ class FaultsConfig(_Section):
         "begins (its peers are then blocked inside the collective) or inside the commit "
         "that follows the step.")
     stall_worker_at_steps: tuple[int, ...] = Field((), description="Stall a worker past the collective timeout.")
+    perturb_replica_at_steps: tuple[int, ...] = Field(
+        (), description="Change one element of a worker's first parameter just before the "
+        "commit after these steps (replicas diverge silently; elastic.check_replicas stops "
+        "the run there).")
     remove_node_at_steps: tuple[int, ...] = Field((), description="Remove a node at these steps.")
     add_node_at_steps: tuple[int, ...] = Field((), description="Add a node at these steps.")
 

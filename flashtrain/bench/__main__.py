@@ -10,7 +10,7 @@ import importlib
 import sys
 
 BENCHMARKS = ("allreduce", "costmodel", "throughput", "elastic", "chaos", "rehearsal", "recipe",
-              "control", "data")
+              "control", "data", "digest")
 USAGE = f"usage: python -m flashtrain.bench <{'|'.join(BENCHMARKS)}> [options]  (--help per benchmark)"
 
 

@@ -1,7 +1,7 @@
 """``python -m flashtrain.bench control``: what the driver costs per step, per-step loop
 against step windows against windows relayed down a tree, as the grid grows.
 
-The driver's own loop (:meth:`flashtrain.driver.trainer.Trainer._loop`: the clock actor,
+The driver's own loop (:meth:`flashtrain.driver.trainer.Trainer.train_steps`: the clock actor,
 the elastic controller's fail-fast calls, the metrics records, commits) runs unchanged
 against *stub* workers: Ray actors, spread over an emulated cluster
 (``ray.cluster_utils.Cluster``), that answer ``train_window`` at once without training
@@ -42,7 +42,6 @@ import ray
 from flashtrain.config import load_config
 from flashtrain.driver.progress import Progress
 from flashtrain.driver.trainer import Trainer
-from flashtrain.elastic.controller import ElasticController
 from flashtrain.elastic.ray_group import RayWorkerGroup
 from flashtrain.elastic.worker_group import Member
 from flashtrain.topology import Grid
@@ -167,15 +166,12 @@ def measure(stubs: list, size: int, mode: str, args: argparse.Namespace,
     run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix=f"n{size}-"))
     group = RayWorkerGroup(config, str(workdir))
     trainer = Trainer(config, run_dir, workdir, say=lambda *_: None, group=group)
-    controller = ElasticController(config, group, trainer.metrics, say=lambda *_: None)
-    controller.adopt(grid, [Member(s, "stub", None, 0) for s in stubs[:size]])
-    trainer.controller = controller
-    trainer._start_clock(TrainingClock(num_samples=global_batch * args.steps, seed=0,
-                                       min_tail=0).state_dict())
-    trainer.clock.state()  # the clock actor's process has started
+    trainer.adopt_grid(grid, [Member(s, "stub", None, 0) for s in stubs[:size]],
+                       TrainingClock(num_samples=global_batch * args.steps, seed=0,
+                                     min_tail=0).state_dict())
     ray.get([s.take_calls.remote() for s in stubs[:size]])
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer._loop(Progress(args.steps, 0, enabled=False))
+    trainer.train_steps(Progress(args.steps, 0, enabled=False))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     counts = ray.get([s.take_calls.remote() for s in stubs[:size]])
     # Relayed, the driver calls rank 0 only (its relay_window calls); else every

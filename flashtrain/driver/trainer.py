@@ -18,9 +18,10 @@ from pathlib import Path
 from flashtrain.config import FlashtrainConfig
 from flashtrain.driver.progress import Progress
 from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridLost, StepFailed
-from flashtrain.elastic.worker_group import Clock, WorkerGroup
+from flashtrain.elastic.worker_group import Clock, Member, WorkerGroup
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
+from flashtrain.topology import Grid
 from flashtrain.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -176,6 +177,26 @@ class Trainer:
         self._write_outputs(summary)
         return summary
 
+    # -- the step loop alone, over a grid formed elsewhere (benchmarks of the driver) --
+
+    def adopt_grid(self, grid: Grid, members: list[Member], clock_state: dict) -> None:
+        """Take ``members`` (already started and formed, e.g. the control benchmark's
+        stub workers) as the grid in force, and start the clock at ``clock_state``:
+        what :meth:`train_steps` needs, without forming, a start commit or checkpoints."""
+        self.controller = ElasticController(self.config, self.group, self.metrics, self.say,
+                                            cluster=self.cluster)
+        self.controller.adopt(grid, members)
+        self._start_clock(clock_state)
+        self.clock.state()  # the clock's process has started
+
+    def train_steps(self, progress: Progress | None = None) -> None:
+        """The step loop alone (windows, commits, the validations and checkpoints at
+        their boundaries), from the clock's position to the end of the schedule, after
+        :meth:`adopt_grid`."""
+        steps = self.config.runtime.max_steps or 0
+        self._loop(progress or Progress(steps, self.clock.state()["global_step"],
+                                        enabled=False))
+
     def _take_start(self, durable: bool) -> None:
         """Commit the starting state on every member and, for a fresh run, write it
         durably (if every worker is lost before the first periodic checkpoint, the run
@@ -258,17 +279,29 @@ class Trainer:
                 # a bigger grid at the commit) fails at the clock's position after it.
                 self._recover(_as_failure(err, step=step_done))
                 continue
+            self._at_boundary(last, step_done)
+
+    def _at_boundary(self, last: StepPlan, step_done: int) -> None:
+        """Validate at an epoch's end and checkpoint at the cadence. A member lost in
+        either re-forms the grid like a failed step; when the clock is still at this
+        boundary after it (training state is committed at every epoch end), the part
+        not done is done again on the new grid. (A checkpoint lost to a death used to be
+        skipped until the next one: a driver killed before that redid twice the
+        checkpoint interval, simulation seed 41 on 2x2.)"""
+        todo = (["validate"] if last.end_of_epoch else []) + \
+            (["checkpoint"] if step_done % self.config.checkpoint.every_steps == 0 else [])
+        while todo:
             try:
-                if last.end_of_epoch:
-                    self.activity = "validate"
+                self.activity = todo[0]
+                if todo[0] == "validate":
                     self._validate(epoch=last.epoch)
-                if step_done % cfg.checkpoint.every_steps == 0:
-                    self.activity = "checkpoint"
+                else:
                     self._checkpoint()
+                todo.pop(0)
             except self.member_failures as err:
-                # A member lost while validating or checkpointing: re-form like after a
-                # failed step (training state is committed at every epoch end).
                 self._recover(_as_failure(err, step=step_done))
+                if self.clock.state()["global_step"] != step_done:
+                    return  # rolled back before the boundary: the window comes again
 
     def _next_window(self) -> list[StepPlan]:
         """The steps the workers train next in one call each: from the clock's position up
@@ -299,7 +332,8 @@ class Trainer:
         faults = self.config.faults
         return any(plan.global_step in steps for steps in (
             faults.kill_worker_at_steps, faults.stall_worker_at_steps,
-            faults.remove_node_at_steps, faults.add_node_at_steps))
+            faults.perturb_replica_at_steps, faults.remove_node_at_steps,
+            faults.add_node_at_steps))
 
     def _window_failure(self, err: BaseException, plans: list[StepPlan]) -> StepFailed:
         """The failure of a window, placed at the step it ended in: the furthest any

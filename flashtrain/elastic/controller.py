@@ -45,7 +45,8 @@ from flashtrain.policy import Abort, Keep, Reform, Wait, decide, propose_grid
 from flashtrain.topology import Grid, layout_grid
 from flashtrain.train.clock import StepPlan, StepResult
 from flashtrain.train.metrics import MetricsWriter
-from flashtrain.train.window import HOP_S, classify, reached_by
+from flashtrain.train.replicas import divergence, reference_rank
+from flashtrain.train.window import HOP_S, classify, merge_replicas, reached_by
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,18 @@ class StepFailed(RuntimeError):
 
 class ElasticAbort(RuntimeError):
     """The run cannot continue (too few workers for too long, too many re-forms)."""
+
+
+class ReplicasDiverged(ElasticAbort):
+    """The members' commits differ (``elastic.check_replicas``): training on would only
+    average the difference in; the run stops, naming the ranks and tensors, and the
+    commit before (checked equal) is the last one kept."""
+
+    def __init__(self, step: int, message: str):
+        self.step = step
+        super().__init__(f"{message} (a bug or a silent hardware fault: the checkpoints "
+                         f"before step {step} hold replicas that were checked equal; "
+                         "elastic.check_replicas=false skips this check)")
 
 
 class GridLost(ElasticAbort):
@@ -184,6 +197,8 @@ class ElasticController:
         self._pending_recovery: tuple[dict, float] | None = None
         self._placement_checked = float("-inf")
         self._relays_of: GridState | None = None  # the grid whose members hold a relay tree
+        # (step, StepResult.replicas) of the last window that committed, for the check
+        self._window_replicas: tuple[int, tuple] | None = None
 
     def _enter(self, phase: Phase) -> None:
         log.debug("controller %s -> %s", self.phase.value, phase.value)
@@ -279,10 +294,43 @@ class ElasticController:
 
     def members_committed(self, clock: Clock) -> None:
         """Every member holds a commit of the clock's position (it committed at the end of
-        its step window): commit the clock, then grow if spares are ready."""
+        its step window): check that they hold the same model, commit the clock, then
+        grow if spares are ready."""
+        checked = self.group.now()
+        if self.config.elastic.check_replicas:
+            self._check_replicas(clock.state()["global_step"])
+        self._window_replicas = None
+        checked = self.group.now() - checked
         self.committed_step = clock.commit()["global_step"]
-        self.metrics.event("commit", global_step=self.committed_step)
+        self.metrics.event("commit", global_step=self.committed_step,
+                           replica_check_s=round(checked, 6))
         self._grow_if_ready(clock)
+
+    def _check_replicas(self, step: int) -> None:
+        """Every member's digest of its commit of ``step`` is the same; else
+        :class:`ReplicasDiverged`, with the tensors that differ. A window that committed
+        brought the digests with its answer (no call more, relayed or not); a commit on
+        its own asks every member. The per-tensor lists (a few KB each) are asked for
+        only from the ranks that differ and the one they are compared with."""
+        held = self._window_replicas
+        if held is None or held[0] != step:
+            digests = self.run_on_grid("replica_digest", step, step=step)
+            replicas = merge_replicas([((d, (r,)),) for r, d in enumerate(digests)])
+        else:
+            replicas = held[1]
+        if len(replicas) <= 1:
+            return  # they agree (or the workers keep no digests: stubs)
+        totals = {rank: digest for digest, ranks in replicas for rank in ranks}
+        order = sorted(totals)
+        ref = order[reference_rank([totals[r] for r in order])]
+        ranks = [ref] + [r for r in order if totals[r] != totals[ref]]
+        members = [self.state.members[r] for r in ranks]
+        detail = self.group.call_each(members, "replica_digest", step, True,
+                                      timeout=self.timeout)
+        message = divergence(step, dict(zip(ranks, detail, strict=True)), reference=ref) or (
+            f"replicas diverged at the commit of step {step}: digests {replicas}")
+        self.metrics.event("replicas_diverged", global_step=step, message=message)
+        raise ReplicasDiverged(step, message)
 
     def load_state(self, payload: dict, members: list[Member] | None = None) -> None:
         """Load a checkpoint payload's model/optimizer/scaler into ``members`` (default:
@@ -326,7 +374,11 @@ class ElasticController:
                                         step=plans[0].global_step, timeout=timeout)
             except StepFailed as failure:
                 raise self._window_lost(failure, plans) from failure.cause
-            return [list(step) for step in zip(*per_rank, strict=True)]
+            steps = [list(step) for step in zip(*per_rank, strict=True)]
+            if commit:
+                self._window_replicas = (plans[-1].global_step + 1,
+                                         merge_replicas([r.replicas for r in steps[-1]]))
+            return steps
         self._plant_relays(state, fanout, plans[0])
         try:
             answer = self.group.call(state.members[0], "relay_window", state.generation, plans,
@@ -338,6 +390,8 @@ class ElasticController:
                 raise WorkerError(0, "relay_window", err) from err
             raise StepFailed(plans[0], err, step=plans[0].global_step, reached=[]) from err
         if not answer.errors:
+            if commit:
+                self._window_replicas = (plans[-1].global_step + 1, answer.steps[-1].replicas)
             return [[merged] for merged in answer.steps]
         # The relays aborted their subtrees; a dead relay's orphans are reached from here.
         self.group.abort(state.members, state.generation,

@@ -48,6 +48,10 @@ class FaultInjector:
             seconds = self._stall_s
             self._note("stall_worker", step, f"stalling rank {len(members) - 1} for {seconds:.0f}s")
             self._group.call(victim, "arm_stall", step, seconds, timeout=ARM_TIMEOUT_S)
+        if self._due("perturb", self._faults.perturb_replica_at_steps, step):
+            name = self._group.call(victim, "arm_perturb", step + 1, timeout=ARM_TIMEOUT_S)
+            self._note("perturb_replica", step, f"rank {len(members) - 1} will change one "
+                       f"element of {name} before its next commit")
         if self._due("remove", self._faults.remove_node_at_steps, step):
             self._remove_node(victim.node, step)
         if self._due("add", self._faults.add_node_at_steps, step):

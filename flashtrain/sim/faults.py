@@ -20,6 +20,10 @@ lost_node  ...or never
 stall      a member stops answering past the collective timeout
 spare      a replacement dies while it starts
 slow_start a replacement takes 5-15 times the usual process start (a loaded machine)
+driver     the driver is killed (its members die with it) somewhere in the span of two
+           windows from a window's start (inside the window, its commit, or what follows
+           it: a digest check, a validation, a checkpoint, a recovery); the run is
+           resumed from the newest durable checkpoint (``--resume``)
 ========== ======================================================================
 """
 
@@ -34,7 +38,7 @@ MOMENT_OF = {
     "commit": "commit_window", "forming": "reform", "join_wait": "join_wait",
     "wait_kill": "join_wait",
     "validate": "validate", "checkpoint": "checkpoint", "spare": "spare_start",
-    "slow_start": "spare_start",
+    "slow_start": "spare_start", "driver": "window",
 }
 KINDS = tuple(MOMENT_OF)
 

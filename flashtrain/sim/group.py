@@ -22,6 +22,7 @@ from flashtrain.sim.members import SimMember, StepMemo
 from flashtrain.sim.spares import SimSpares
 from flashtrain.sim.window import WindowSim
 from flashtrain.train.clock import ScheduleKeeper
+from flashtrain.train.replicas import digest_of, divergence
 
 WALL_ORIGIN = 1_800_000_000.0  # virtual wall time = this + virtual monotonic time
 
@@ -40,6 +41,11 @@ class SimCollectiveError(RuntimeError):
     def __init__(self, message: str, window_step: int | None = None):
         super().__init__(message)
         self.window_step = window_step
+
+
+class DriverKilled(BaseException):
+    """The driver process was killed (a SIGKILL: nothing of it runs on, so nothing in it
+    catches this); the members it owned die with it."""
 
 
 class SimHung(RuntimeError):
@@ -88,6 +94,7 @@ class SimWorkerGroup(WorkerGroup):
         self.num_started = 0
         self.spares = SimSpares(self, nodes, slots)
         self.window = WindowSim(self)
+        self.driver_dies_at: float | None = None  # a "driver" fault armed for this moment
 
     # -- time and trace ----------------------------------------------------------------
 
@@ -101,6 +108,10 @@ class SimWorkerGroup(WorkerGroup):
         self.advance(self.t + seconds)
 
     def advance(self, to: float) -> None:
+        if self.driver_dies_at is not None and to >= self.driver_dies_at:
+            self.t, self.driver_dies_at = max(self.t, self.driver_dies_at), None
+            self.log("driver killed")
+            raise DriverKilled(f"the driver was killed at {self.t:.6f}s")
         if to > self.horizon_s:
             raise SimHung(f"virtual time would pass the horizon {self.horizon_s:g}s")
         self.t = max(self.t, to)
@@ -109,6 +120,27 @@ class SimWorkerGroup(WorkerGroup):
     def log(self, message: str) -> None:
         if self.lines is not None:
             self.lines.append(f"{self.t:14.6f} {message}")
+
+    def restarted(self, after_s: float) -> SimWorkerGroup:
+        """The group of a driver resumed ``after_s`` after this one's was killed: the
+        same cluster (nodes that left stay gone, those due to return still return), the
+        same fault plan, trace and virtual time; every member of this one died with
+        the driver."""
+        for member in self.grid_members:
+            member.actor.alive = False
+        new = SimWorkerGroup(self.config, self.costs, self.plan, nodes=0,
+                             slots=self.spares.slots_per_node, horizon_s=self.horizon_s,
+                             trace=False)
+        new.spares.capacity = dict(self.spares.capacity)
+        new.spares.used = dict.fromkeys(new.spares.capacity, 0)
+        new.spares.returns = list(self.spares.returns)
+        new.t, new.lines, new.violations = self.t, self.lines, self.violations
+        new.memo, new.commits_seen, new.num_started = self.memo, self.commits_seen, \
+            self.num_started
+        new.window.cpu_s = self.window.cpu_s
+        new.advance(self.t + after_s)
+        new.log(f"driver resumed ({after_s:g}s after it was killed)")
+        return new
 
     # -- failures --------------------------------------------------------------------
 
@@ -201,6 +233,10 @@ class SimWorkerGroup(WorkerGroup):
         if method == "commit":
             sim.commit(args[0])
             return 0
+        if method == "replica_digest":  # a simulated model is one "tensor": its chain
+            link = sim.commits.get(args[0])
+            digest = link.digest if link is not None else f"no commit of step {args[0]}"
+            return {"model": digest} if len(args) > 1 and args[1] else digest_of({"model": digest})
         if method == "rollback":
             sim.rollback(args[0])
             return None
@@ -380,12 +416,13 @@ class SimWorkerGroup(WorkerGroup):
         """Every member of the grid holds a commit of ``step``, the same model, with
         exactly ``step`` steps applied (the clock and the members agree)."""
         live = [m for m in self.grid_members if m.actor.alive]
-        held = {m.actor.commits.get(step) for m in live}
-        digests = sorted({h.digest if h is not None else "none" for h in held})
-        if len(digests) != 1 or digests[0] == "none":
-            self.violations.append(f"replicas differ at the commit of step {step}: {digests}")
+        held = [m.actor.commits.get(step) for m in live]
+        models = [{"model": h.digest if h is not None else "none"} for h in held]
+        message = divergence(step, models)
+        if message is not None or models[0]["model"] == "none":
+            self.violations.append(message or f"no member holds a commit of step {step}")
             return
-        link = next(iter(held))
+        link = held[0]
         if link.depth != step:
             self.violations.append(f"the clock commits step {step} but the members hold "
                                    f"{link.depth} steps")

@@ -21,10 +21,11 @@ import numpy as np
 
 from flashtrain.config import FlashtrainConfig, load_config
 from flashtrain.driver.trainer import Trainer
-from flashtrain.elastic.controller import ElasticAbort
+from flashtrain.elastic.controller import ElasticAbort, ReplicasDiverged
 from flashtrain.sim.costs import PAPER, SimCosts
 from flashtrain.sim.faults import FaultPlan, schedule_for
-from flashtrain.sim.group import SimHung, SimWorkerGroup
+from flashtrain.sim.group import DriverKilled, SimHung, SimWorkerGroup
+from flashtrain.sim.spares import PlacementInfeasible
 from flashtrain.topology import Grid
 
 PING_S = 5.0  # the controller's ping timeout (elastic.controller._PING_TIMEOUT_S)
@@ -36,11 +37,14 @@ class SimTrainer(Trainer):
     """The real trainer with simulated data and an in-memory checkpoint store."""
 
     def __init__(self, config: FlashtrainConfig, run_dir: Path, group: SimWorkerGroup,
-                 num_samples: int):
+                 num_samples: int, saved: dict[int, dict] | None = None):
         self.num_samples = num_samples
-        self.saved: dict[int, dict] = {}
+        # The durable checkpoints: a resumed driver (``saved`` given) finds those of the
+        # one that was killed, and nothing else of it.
+        self.saved: dict[int, dict] = {} if saved is None else saved
         self.window_cpu_s, self.windows = 0.0, 0
-        super().__init__(config, run_dir, run_dir, say=group.log, group=group)
+        super().__init__(config, run_dir, run_dir, say=group.log, group=group,
+                         resume=saved is not None)
 
     def _train_window(self, plans, commit):
         """The real window call, with the driver's own CPU for it counted (the
@@ -116,6 +120,9 @@ class SimRecord:
     final_grid: str = ""
     driver_cpu_s: float = 0.0  # the driver loop's and controller's own (members' left out)
     driver_cpu_per_window_s: float = 0.0
+    # Per driver kill: when, the clock's live and committed steps then, the checkpoint
+    # the run resumed from, and the steps it redid (committed ones among them).
+    driver_kills: list[dict] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
 
     @property
@@ -152,9 +159,25 @@ def run_config(config: FlashtrainConfig, num_samples: int, grid: Grid, costs: Si
     with tempfile.TemporaryDirectory(prefix="flashtrain-sim-") as run_dir:
         trainer = SimTrainer(config, Path(run_dir), group, num_samples)
         try:
-            trainer.train()
+            while True:
+                try:
+                    trainer.train()
+                    break
+                except DriverKilled:
+                    trainer, group = _resume(trainer, group, record, config, costs, num_samples)
+                except PlacementInfeasible:
+                    if not record.driver_kills or not group.spares.returns:
+                        raise
+                    # The resumed driver found too few nodes: its user resumes once the
+                    # capacity on its way is back.
+                    group.advance(max(at for at, _ in group.spares.returns))
+                    trainer = SimTrainer(config, trainer.run_dir, group, num_samples,
+                                         saved=trainer.saved)
             record.outcome = "finished"
-        except ElasticAbort as err:
+        except ReplicasDiverged as err:  # the real check found what check_commit looks for
+            record.outcome = f"aborted: {err}".splitlines()[0]
+            group.violations.append(str(err))
+        except (ElasticAbort, PlacementInfeasible) as err:
             record.outcome = f"aborted: {err}".splitlines()[0]
         except SimHung as err:
             record.outcome = f"hung: {err}"
@@ -175,6 +198,23 @@ def run_config(config: FlashtrainConfig, num_samples: int, grid: Grid, costs: Si
     check(record, trainer, group, config, costs, grid, num_samples)
     record.trace = group.lines or []
     return record
+
+
+def _resume(trainer: SimTrainer, group: SimWorkerGroup, record: SimRecord, config,
+            costs: SimCosts, num_samples: int) -> tuple[SimTrainer, SimWorkerGroup]:
+    """The driver was killed: note where it was, and start a new one with ``--resume``
+    a process start later, over the same run directory's checkpoints."""
+    live = trainer.clock.state()["global_step"] if trainer.clock is not None else 0
+    committed = trainer.controller.committed_step if trainer.controller is not None else 0
+    resumed = max(trainer.saved, default=0)
+    record.driver_kills.append({"time": group.t, "step": live, "committed_step": committed,
+                                "resumed_from": resumed, "steps_redone": live - resumed,
+                                "committed_steps_redone": committed - resumed})
+    trainer.metrics.close()
+    group = group.restarted(costs.process_start_s)
+    resumed = SimTrainer(config, trainer.run_dir, group, num_samples, saved=trainer.saved)
+    resumed.window_cpu_s, resumed.windows = trainer.window_cpu_s, trainer.windows
+    return resumed, group
 
 
 def check(record: SimRecord, trainer: SimTrainer, group: SimWorkerGroup,
@@ -217,6 +257,14 @@ def check(record: SimRecord, trainer: SimTrainer, group: SimWorkerGroup,
     inv["no_committed_step_lost"] = not lost
     if lost:
         bad.append(f"no_committed_step_lost: commits {lost[:3]} are not in the final model")
+    # A driver kill loses what was committed after the newest durable checkpoint (it is
+    # redone, not lost); checkpoints come every checkpoint.every_steps steps.
+    redo = [k["committed_steps_redone"] for k in record.driver_kills]
+    inv["driver_kill_redoes_at_most_a_checkpoint_interval"] = all(
+        0 <= r <= config.checkpoint.every_steps for r in redo)
+    if not inv["driver_kill_redoes_at_most_a_checkpoint_interval"]:
+        bad.append(f"driver_kill_redoes_at_most_a_checkpoint_interval: {redo} committed "
+                   f"step(s) redone, checkpoints every {config.checkpoint.every_steps}")
     bound = recovery_bound_s(config, costs, grid)
     slow = [r for r in record.recoveries
             if r["recovery_seconds"] is not None and r["recovery_seconds"] > bound]
@@ -238,6 +286,8 @@ def _abort_allowed(outcome: str, group: SimWorkerGroup) -> bool:
     process start: the controller waited as configured and said why), or for a death
     in each of the trainer's attempts at re-forming."""
     nodes_left = any(f.kind in ("node", "lost_node") for _, f in group.plan.fired)
+    if group.plan.capacity_lost_for_good and "the cluster cannot hold" in outcome:
+        return True  # a driver resumed after a node left for good: the grid cannot start
     if nodes_left and "min_workers" in outcome and "waited" in outcome:
         return True
     # The trainer gives a re-form 3 attempts: a death in each of them ends the run.

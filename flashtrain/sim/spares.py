@@ -14,6 +14,10 @@ from flashtrain.elastic.membership import SparePool
 from flashtrain.elastic.worker_group import Member
 
 
+class PlacementInfeasible(RuntimeError):
+    """The cluster cannot hold the grid (Ray: PlacementInfeasibleError)."""
+
+
 class SimSpares(SparePool):
     def __init__(self, group, nodes: int, slots: int):
         super().__init__(group.config, "")
@@ -32,6 +36,10 @@ class SimSpares(SparePool):
         return {node: self.capacity[node] - self.used[node] for node in self.capacity}
 
     def place_initial(self, num_workers: int, ready_at: float) -> list[Member]:
+        room = sum(self.free_slots().values())
+        if room < num_workers:  # the real reservation's check_capacity fails at once too
+            raise PlacementInfeasible(f"the cluster cannot hold {num_workers} workers "
+                                      f"(room for {room})")
         members = []
         for node in sorted(self.capacity):
             while len(members) < num_workers and self.used[node] < self.capacity[node]:

@@ -12,12 +12,14 @@ collective timeout passes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 from flashtrain.schedule import split_batch
 from flashtrain.sim.members import combined_ids
 from flashtrain.train.clock import StepResult
+from flashtrain.train.replicas import digest_of
 from flashtrain.train.window import WindowAnswer, children_of, tree_depth
 
 _PHASES = ("start", "compute", "collective", "commit")
@@ -106,6 +108,9 @@ class WindowSim:
         faults += [f for _, f in due]
         hits = []
         for fault in faults:
+            if fault.kind == "driver":
+                self._arm_driver_death(fault, pinned.get(id(fault)), plans, members)
+                continue
             index = pinned.get(id(fault), min(int(fault.where * len(plans)), len(plans) - 1))
             victim = g._pick(fault.pick, members)
             if victim is None:
@@ -125,6 +130,17 @@ class WindowSim:
             g.log(f"fault {fault.describe()} -> {[v.actor.name for v in victims]}")
             hits.append(_Hit(index, phase, victims, fault.kind, fault.returns_after_s))
         return min(hits, key=lambda h: (h.index, _PHASES.index(h.phase)), default=None)
+
+    def _arm_driver_death(self, fault, index: int | None, plans: list, members: list) -> None:
+        """The driver dies ``where`` into the span of two windows from now (a pinned
+        fault: ``where`` into its step), whatever it is doing by then."""
+        g = self.g
+        live = [m for m in members if m.actor.alive]
+        step_s = g.costs.step_compute_s + (g.costs.allreduce_s(live[0].actor.grid)
+                                           if live else 0.0)
+        steps = index + fault.where if index is not None else 2 * fault.where * len(plans)
+        g.driver_dies_at = g.t + g.costs.call_latency_s + steps * step_s
+        g.log(f"fault {fault.describe()} -> the driver, at {g.driver_dies_at:.6f}")
 
     def _run(self, members: list, plans: list, commit: bool, start: float, *, fanout: int,
              calls: list) -> None:
@@ -193,4 +209,8 @@ class WindowSim:
                 continue
             if commit:
                 member.actor.commit(plans[-1].global_step + 1)
+                if g.config.elastic.check_replicas:  # as the real worker's answer carries it
+                    digest = digest_of({"model": member.actor.model.digest})
+                    results[id(member)][-1] = dataclasses.replace(
+                        results[id(member)][-1], replicas=((digest, (member.actor.rank,)),))
             call.done_at, call.value = done, results[id(member)]

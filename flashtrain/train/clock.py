@@ -67,6 +67,9 @@ class StepResult:
     # Set by train_window: the step's seconds on this worker and when it ended (unix time).
     seconds: float | None = None
     finished_at: float | None = None
+    # Set on a window's last step when the window committed (elastic.check_replicas): the
+    # digest of each distinct replica and the ranks that hold it (one entry when they agree).
+    replicas: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass

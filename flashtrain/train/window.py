@@ -62,7 +62,18 @@ def merge_results(results: list[StepResult]) -> StepResult:
         skipped=tuple(s for r in results for s in r.skipped),
         seconds=max((r.seconds for r in results if r.seconds is not None), default=None),
         finished_at=max((r.finished_at for r in results if r.finished_at is not None),
-                        default=None))
+                        default=None),
+        replicas=merge_replicas([r.replicas for r in results]))
+
+
+def merge_replicas(parts: list[tuple[tuple[str, tuple[int, ...]], ...]]
+                   ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Several ranks' ``StepResult.replicas`` as one: each digest with all its ranks."""
+    ranks: dict[str, list[int]] = {}
+    for part in parts:
+        for digest, held in part:
+            ranks.setdefault(digest, []).extend(held)
+    return tuple(sorted((d, tuple(sorted(r))) for d, r in ranks.items()))
 
 
 @dataclass

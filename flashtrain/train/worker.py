@@ -29,9 +29,11 @@ from flashtrain.train.amp import LossScaler
 from flashtrain.train.clock import StepPlan, StepResult
 from flashtrain.train.data import StepBatchSampler, build_datasets, make_val_loader
 from flashtrain.train.decode import SkippedSample
+from flashtrain.train.digest import replica_checksums
 from flashtrain.train.loader import make_train_stream
 from flashtrain.train.models import build_model, parameter_groups
 from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay
+from flashtrain.train.replicas import digest_of
 
 CONTROL_GROUP = "control"
 WINDOW_GRACE_S = 10.0  # beyond the collective timeout, for a relayed window to end
@@ -66,6 +68,7 @@ class Worker:
         self._batches = None  # (key, iterator, expected step starts)
         self._train_stream = None  # one loader for the worker's life (train/loader.py)
         self._commits: dict[int, bytes] = {}
+        self._digests: dict[int, dict[str, str]] = {}  # per commit (elastic.check_replicas)
         self._relay: WindowRelay | None = None
         self._window_thread: ThreadPoolExecutor | None = None
         self._window_future: Future | None = None
@@ -216,6 +219,9 @@ class Worker:
             except Exception as err:
                 err.window_step = plans[-1].global_step + 1
                 raise
+            if self._config.elastic.check_replicas:  # the digest rides on the answer
+                digest = self.replica_digest(plans[-1].global_step + 1)
+                results[-1] = dataclasses.replace(results[-1], replicas=((digest, (self.rank,)),))
         return results
 
     def set_relay(self, relay: WindowRelay) -> None:
@@ -353,13 +359,24 @@ class Worker:
         """Keep an in-memory copy of the state as of global step ``step``; returns its
         size in bytes. The previous commit is kept too: if a worker dies during a commit,
         the clock still points at the previous one and every survivor can return to it."""
+        self._maybe_perturb(step)
         buffer = io.BytesIO()
         torch.save(self.state(), buffer)
+        checksums = (replica_checksums(self.model, self.optimizer, self.scaler.state_dict())
+                     if self._config.elastic.check_replicas else {})
         self._maybe_die("commit", step)
-        self._commits[step] = buffer.getvalue()
+        self._commits[step], self._digests[step] = buffer.getvalue(), checksums
         for old in sorted(self._commits)[:-2]:
-            del self._commits[old]
+            del self._commits[old], self._digests[old]
         return len(self._commits[step])
+
+    def replica_digest(self, step: int, detail: bool = False) -> str | dict[str, str]:
+        """The digest of this member's commit of ``step`` (see
+        :mod:`flashtrain.train.replicas`); with ``detail``, its per-tensor checksums."""
+        if step not in self._digests:
+            raise RuntimeError(f"rank {self.rank} holds commits {sorted(self._commits)}, "
+                               f"not step {step}")
+        return dict(self._digests[step]) if detail else digest_of(self._digests[step])
 
     def committed_state(self, step: int) -> dict:
         if step not in self._commits:
@@ -386,6 +403,22 @@ class Worker:
         """Fault injection for tests: at global step ``step`` this rank finds an inf in its
         gradients (fp16 only); every rank must then skip the step."""
         self.scaler.arm_nonfinite(step)
+
+    def arm_perturb(self, step: int) -> str:
+        """Fault injection: as the commit of global step ``step`` (or the first after it)
+        begins, change one element of this rank's first parameter by a rounding error's
+        worth, as silently diverged replicas would; returns that parameter's name."""
+        name = next(name for name, _ in self.model.named_parameters())
+        self._armed_perturb = (step, name)
+        return name
+
+    def _maybe_perturb(self, step: int) -> None:
+        armed = getattr(self, "_armed_perturb", None)
+        if armed is not None and step >= armed[0]:
+            self._armed_perturb = None
+            with torch.no_grad():
+                param = dict(self.model.named_parameters())[armed[1]]
+                param.view(-1)[0] += 1e-6 * (1.0 + param.view(-1)[0].abs())
 
     def arm_stall(self, step: int, seconds: float) -> None:
         """Fault injection: block this worker for ``seconds`` as global step ``step``
