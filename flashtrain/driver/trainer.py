@@ -21,6 +21,8 @@ from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridL
 from flashtrain.elastic.worker_group import Clock, WorkerGroup
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
+from flashtrain.task import Task
+from flashtrain.tasks.images import resolve_task
 from flashtrain.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -28,8 +30,6 @@ from flashtrain.train.checkpoint import (
     save_checkpoint,
 )
 from flashtrain.train.clock import StepPlan, TrainingClock, plan_window
-from flashtrain.task import Task
-from flashtrain.tasks.images import resolve_task
 from flashtrain.train.data import task_datasets
 from flashtrain.train.metrics import (
     MetricsWriter,

@@ -16,18 +16,17 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from pathlib import Path
 
 import ray
 import torch
 
 from flashtrain import collective
 from flashtrain.config import FlashtrainConfig
+from flashtrain.task import Task, build_seeded, to_device
+from flashtrain.tasks.images import resolve_task
 from flashtrain.topology import Grid
 from flashtrain.train.amp import LossScaler
 from flashtrain.train.clock import StepPlan, StepResult
-from flashtrain.task import Task, build_seeded, to_device
-from flashtrain.tasks.images import resolve_task
 from flashtrain.train.data import StepBatchSampler, make_val_loader, task_datasets
 from flashtrain.train.decode import SkippedSample
 from flashtrain.train.loader import make_train_stream
