@@ -55,7 +55,9 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, deadline_s: float) -> N
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """``(url, env, stop)``: a head of this test's own; ``stop()`` stops exactly it."""
+    """``(url, env, stop, home)``: a head of this test's own; ``stop()`` stops exactly it.
+    (One head per test: a second job on a head that ran one before was refused by its
+    auth token on Ray 2.60 here, so the heads are not shared.)"""
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(6)
     home = tmp_path / "home"
     home.mkdir()
@@ -89,7 +91,7 @@ def ray_head(tmp_path):
 
     try:
         wait_for_dashboard(url, head, deadline_s=120)
-        yield url, env, stop
+        yield url, env, stop, home
     finally:
         stop()
 
@@ -116,43 +118,6 @@ def submit(url: str, env: dict, args: list[str], timeout_s: float, cwd: Path = R
 def files_of(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
             if p.is_file()}
-
-
-def test_job_submitted_with_working_dir_keeps_its_run_after_the_cluster_stops(ray_head, tmp_path):
-    url, env, stop = ray_head
-    result = submit(url, env, ["--config", "jobs/cpu-smoke.yaml", "--data-cache",
-                               str(tmp_path / "cache")], timeout_s=400)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "succeeded" in out
-    # Where the job said its run goes, and why: not in Ray's temporary copy.
-    said = re.search(r"flashtrain: run directory (\S+) \((.*)\)", out)
-    assert said, out[-3000:]
-    run_dir = Path(said.group(1))
-    assert run_dir.parent == tmp_path / "home" / "flashtrain-runs"
-    assert "Ray's temporary copy" in said.group(2)
-    printed = re.findall(r"(?:results in|report) (\S+)", out)
-    assert len(printed) == 2 and all(p.startswith(str(run_dir)) for p in printed), printed
-    for line in out.splitlines():  # no path the job prints is in Ray's session folder
-        assert not ("flashtrain" in line and "runtime_resources" in line), line
-    summary = json.loads((run_dir / "summary.json").read_text())
-    size = summary["dataset_train_size"]
-    assert summary["samples_per_epoch"] == [size, size] and summary["final_top1"] > 0.3
-    assert [s["ended"] for s in summary["segments"]] == ["finished"]
-
-    stop()  # this test's head only: Ray removes its session folder and the job's copy
-    before = files_of(run_dir)
-    assert {"summary.json", "config.yaml", "metrics.jsonl", "report.html"} <= before.keys()
-    # From the checkout, by its name: the same rule finds it (~/flashtrain-runs), and a
-    # finished run is left exactly as it was.
-    job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    job_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    again = subprocess.run([sys.executable, "-m", "flashtrain.jobs.imagenet", "--resume",
-                            "--run-dir", run_dir.name], cwd=REPO, env=job_env,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"{run_dir} is finished" in again.stdout
-    assert files_of(run_dir) == before
 
 
 USER_TASK = """
@@ -186,7 +151,7 @@ def test_a_task_in_the_users_own_folder_submitted_with_working_dir(ray_head, tmp
     project = tmp_path / "project"
     project.mkdir()
     (project / "mytask.py").write_text(USER_TASK)
-    url, env, _ = ray_head
+    url, env, _, _ = ray_head
     result = submit(url, env, ["mytask:Regression", "--set", "grid.shape=1x2",
                                "--set", "schedule.epochs=2", "--set", "schedule.warmup_epochs=0.5",
                                "--set", "schedule.phases=[{start_epoch: 0, global_batch: 16}]",
@@ -199,3 +164,41 @@ def test_a_task_in_the_users_own_folder_submitted_with_working_dir(ray_head, tmp
     summary = json.loads((Path(said.group(1)) / "summary.json").read_text())
     assert summary["task"] == "mytask:Regression"
     assert summary["samples_per_epoch"] == [80, 80] and summary["final_mse"] >= 0
+
+
+def test_job_submitted_with_working_dir_keeps_its_run_after_the_cluster_stops(ray_head, tmp_path):
+    url, env, stop, home = ray_head
+    result = submit(url, env, ["--config", "jobs/cpu-smoke.yaml", "--data-cache",
+                               str(tmp_path / "cache")], timeout_s=400)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in out
+    # Where the job said its run goes, and why: not in Ray's temporary copy.
+    said = re.search(r"flashtrain: run directory (\S+) \((.*)\)", out)
+    assert said, out[-3000:]
+    run_dir = Path(said.group(1))
+    assert run_dir.parent == home / "flashtrain-runs"
+    assert "Ray's temporary copy" in said.group(2)
+    printed = re.findall(r"(?:results in|report) (\S+)", out)
+    assert len(printed) == 2 and all(p.startswith(str(run_dir)) for p in printed), printed
+    for line in out.splitlines():  # no path the job prints is in Ray's session folder
+        assert not ("flashtrain" in line and "runtime_resources" in line), line
+    summary = json.loads((run_dir / "summary.json").read_text())
+    size = summary["dataset_train_size"]
+    assert summary["samples_per_epoch"] == [size, size] and summary["final_top1"] > 0.3
+    assert [s["ended"] for s in summary["segments"]] == ["finished"]
+
+    stop()  # this test's head only: Ray removes its session folder and the job's copy
+    before = files_of(run_dir)
+    assert {"summary.json", "config.yaml", "metrics.jsonl", "report.html"} <= before.keys()
+    # From the checkout, by its name: the same rule finds it (~/flashtrain-runs), and a
+    # finished run is left exactly as it was.
+    job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    job_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    again = subprocess.run([sys.executable, "-m", "flashtrain.jobs.imagenet", "--resume",
+                            "--run-dir", run_dir.name], cwd=REPO, env=job_env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{run_dir} is finished" in again.stdout
+    assert files_of(run_dir) == before
+

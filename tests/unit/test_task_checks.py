@@ -161,3 +161,14 @@ def test_the_shipped_tasks_pass_the_checks(tmp_path):
                                 "data.synthetic_samples=40"])
     check_task(ImageClassification.from_config(config, tmp_path / "cache"), config)
     check_task(DiabetesRegression(), config)
+
+
+def test_a_model_that_cannot_take_the_data_is_refused_before_start(tmp_path):
+    # AlexNet's pooling cannot take 32x32 images: found by one forward pass in the driver
+    # instead of by every worker after the grid formed.
+    from flashtrain.tasks.images import ImageClassification
+
+    config = load_config(None, ["model.name=alexnet", "data.source=synthetic",
+                                "data.synthetic_samples=40", "data.image_size=32"])
+    with pytest.raises(TaskError, match=r"the model's forward raised RuntimeError"):
+        check_task(ImageClassification.from_config(config, tmp_path), config)
