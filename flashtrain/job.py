@@ -42,7 +42,6 @@ from flashtrain.train.metrics import (
     METRICS_FILE,
     SUMMARY_FILE,
     describe_metrics,
-    task_name,
     write_summary,
 )
 from flashtrain.train.segments import (
@@ -153,6 +152,7 @@ def check_checkpoint_fits(config: FlashtrainConfig, path: Path, task: Task) -> N
     """Before any worker starts: the newest checkpoint of a resumed run holds a model of
     the shape this run builds (raises CheckpointError with one message)."""
     from flashtrain.task import build_seeded
+    from flashtrain.tasks.images import model_name
     from flashtrain.train.checkpoint import check_fits, latest_checkpoint, load_checkpoint
 
     checkpoint = latest_checkpoint(path / "checkpoints")
@@ -162,14 +162,7 @@ def check_checkpoint_fits(config: FlashtrainConfig, path: Path, task: Task) -> N
     if payload.get("num_classes") is not None and not isinstance(payload["num_classes"], int):
         return  # an older payload: load_state_dict remains the check
     model = build_seeded(task, config.runtime.seed)
-    check_fits(payload, model.state_dict(), checkpoint, payload_name(config, task))
-
-
-def payload_name(config: FlashtrainConfig, task: Task) -> str:
-    """The model's name in messages: ``model.name`` for the image classifier, else the task's."""
-    from flashtrain.tasks.images import ImageClassification
-
-    return config.model.name if isinstance(task, ImageClassification) else task_name(task)
+    check_fits(payload, model.state_dict(), checkpoint, model_name(task, config))
 
 
 def create_run_dir(config: FlashtrainConfig, path: Path, resume: bool) -> None:

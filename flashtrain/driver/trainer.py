@@ -22,7 +22,7 @@ from flashtrain.elastic.worker_group import Clock, WorkerGroup
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
 from flashtrain.task import Task
-from flashtrain.tasks.images import resolve_task
+from flashtrain.tasks.images import model_name, resolve_task
 from flashtrain.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -455,7 +455,7 @@ class Trainer:
         return {"format": 1, "model": state["model"], "optimizer": state["optimizer"],
                 "scaler": state.get("scaler"), "clock": clock,
                 "config": self.config.model_dump(mode="json"),
-                "model_name": self.config.model.name,
+                "model_name": model_name(self.task, self.config),
                 "num_classes": self.controller.num_classes}
 
     def _checkpoint_last_commit(self) -> None:
@@ -527,6 +527,6 @@ class Trainer:
             "val_skipped": final.get("val_skipped", 0),
             "reforms": self.controller.reforms,
             "final_grid": str(self.controller.state.grid),
-            "model": self.config.model.name,
+            "model": model_name(self.task, self.config),
             "task": task_name(self.task),
         }

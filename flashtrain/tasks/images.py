@@ -66,3 +66,11 @@ def resolve_task(task, config: FlashtrainConfig):
     if isinstance(task, Task):
         return task
     return ImageClassification.from_config(config, task)
+
+
+def model_name(task, config: FlashtrainConfig) -> str:
+    """The model's name in summaries, checkpoints and messages: ``model.name`` for the
+    image classifier, else the task's ``module:Class``."""
+    if isinstance(task, ImageClassification):
+        return config.model.name
+    return f"{type(task).__module__}:{type(task).__qualname__}"
