@@ -159,9 +159,7 @@ def check_checkpoint_fits(config: FlashtrainConfig, path: Path, task: Task) -> N
     if checkpoint is None:
         return
     payload = load_checkpoint(checkpoint)
-    if payload.get("num_classes") is not None and not isinstance(payload["num_classes"], int):
-        return  # an older payload: load_state_dict remains the check
-    model = build_seeded(task, config.runtime.seed)
+    model = build_seeded(task, config.runtime.seed)  # the task's, as its workers build it
     check_fits(payload, model.state_dict(), checkpoint, model_name(task, config))
 
 
