@@ -26,7 +26,6 @@ Example (a full task is ``flashtrain/tasks/diabetes.py``)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,11 +123,6 @@ def build_seeded(task: Task, seed: int) -> nn.Module:
     return task.build_model(seed)
 
 
-def batch_size(targets: Any) -> int:
-    """How many samples a batch of ``targets`` holds."""
-    return len(targets)
-
-
 def to_device(value: Any, device: torch.device) -> Any:
     """``value`` (a tensor, or tuples, lists and dicts of them) on ``device``."""
     if isinstance(value, torch.Tensor):
@@ -139,5 +133,3 @@ def to_device(value: Any, device: torch.device) -> Any:
         return type(value)(to_device(item, device) for item in value)
     return value
 
-
-CollateFn = Callable[[list], tuple[Any, Any]]
