@@ -88,6 +88,14 @@ class LaunchPlan:
     join_timeout_s: float
     stop_timeout_s: float
     job_args: tuple[str, ...]
+    task: str | None = None  # MODULE:TASK for python -m flashtrain.run; None: the ImageNet job
+
+    @property
+    def job_command(self) -> list[str]:
+        """The job's ``python -m`` module and arguments."""
+        if self.task is None:
+            return ["flashtrain.jobs.imagenet", *self.job_args]
+        return ["flashtrain.run", self.task, *self.job_args]
 
     @property
     def head(self) -> str:
@@ -191,7 +199,8 @@ def make_plan(args: argparse.Namespace) -> LaunchPlan:
         hosts=hosts, remote_exec=remote_exec, share_dir=share_dir, workdir=workdir, venv=venv,
         setup=args.setup, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
         head_port=args.port, dry_run=args.dry_run, ray_args=args.ray_args,
-        join_timeout_s=args.join_timeout, stop_timeout_s=args.stop_timeout, job_args=job_args)
+        join_timeout_s=args.join_timeout, stop_timeout_s=args.stop_timeout, job_args=job_args,
+        task=args.task)
 
 
 # --------------------------------------------------------------------------- the launch
@@ -289,9 +298,10 @@ class Launch:
                                     start_new_session=True)
 
     def run_job(self, address: str) -> int:
-        """``python -m flashtrain.jobs.imagenet`` on the cluster; its exit status. A stop
-        signal reaches it as SIGINT (it saves what it has and says how to resume)."""
-        command = [sys.executable, "-m", "flashtrain.jobs.imagenet", *self.plan.job_args]
+        """``python -m flashtrain.jobs.imagenet`` (or ``flashtrain.run --task``'s task) on
+        the cluster, from the work directory; its exit status. A stop signal reaches it as
+        SIGINT (it saves what it has and says how to resume)."""
+        command = [sys.executable, "-m", *self.plan.job_command]
         self.say("running " + shlex.join(command[1:]))
         env = {**self.share.ray_env(dict(os.environ)), "RAY_ADDRESS": address}
         env.setdefault(RUNS_ROOT_ENV, str(runs_root_of(self.plan)))
@@ -419,6 +429,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds until every host must have joined (default 300)")
     parser.add_argument("--stop-timeout", type=float, default=60.0,
                         help="seconds each stop (job, workers, head) may take (default 60)")
+    parser.add_argument("--task", default=None, metavar="MODULE:TASK",
+                        help="train this flashtrain.Task (python -m flashtrain.run MODULE:TASK, "
+                             "its module found in --workdir) instead of the ImageNet job")
     parser.add_argument("job_args", nargs=argparse.REMAINDER,
                         help="-- then the arguments of python -m flashtrain.jobs.imagenet")
     return parser.parse_args(argv)

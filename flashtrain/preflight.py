@@ -124,9 +124,8 @@ def check_data(data_cfg: DataConfig) -> None:
 
 
 def check_before_start(config: FlashtrainConfig) -> None:
-    """Every check that needs no cluster: the model name, the data, the GPU install."""
-    check_model(config.model.name)
-    check_data(config.data)
+    """The engine's checks that need no cluster: the GPU install. (The model and the
+    data are the task's: :func:`flashtrain.task_checks.check_task`.)"""
     if config.grid.use_gpu:
         check_gpu_install(config.collective.gpu_backend)
         check_gpu_stack(probe_gpu_stack(), ranks_per_gpu=1,

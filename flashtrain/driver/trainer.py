@@ -21,6 +21,8 @@ from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridL
 from flashtrain.elastic.worker_group import Clock, Member, WorkerGroup
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch
+from flashtrain.task import Task
+from flashtrain.tasks.images import model_name, resolve_task
 from flashtrain.topology import Grid
 from flashtrain.train.checkpoint import (
     latest_checkpoint,
@@ -29,8 +31,14 @@ from flashtrain.train.checkpoint import (
     save_checkpoint,
 )
 from flashtrain.train.clock import StepPlan, TrainingClock, plan_window
-from flashtrain.train.data import build_datasets
-from flashtrain.train.metrics import MetricsWriter, read_metrics, write_summary
+from flashtrain.train.data import task_datasets
+from flashtrain.train.metrics import (
+    MetricsWriter,
+    describe_metrics,
+    read_metrics,
+    task_name,
+    write_summary,
+)
 from flashtrain.train.plots import write_plots
 
 log = logging.getLogger(__name__)
@@ -102,6 +110,13 @@ def _step_split(results: list) -> dict:
             "data_wait_seconds": slowest.data_wait_s}
 
 
+def _train_accuracy(results: list, samples: int) -> dict:
+    """``train_acc`` of a step, where the task counts right answers (Task.num_correct)."""
+    if any(r.correct is None for r in results):
+        return {}
+    return {"train_acc": sum(r.correct for r in results) / max(samples, 1)}
+
+
 def _as_failure(err: BaseException, step: int) -> StepFailed:
     """A failure of the grid at clock position ``step`` (a StepFailed stays as it is)."""
     return err if isinstance(err, StepFailed) else StepFailed(None, err, step=step)
@@ -115,11 +130,13 @@ def _finished_at(results: list) -> float:
 class Trainer:
     """Owns one run: the clock actor, the grid (through the controller), the run dir."""
 
-    def __init__(self, config: FlashtrainConfig, run_dir: Path, data_cache: Path,
+    def __init__(self, config: FlashtrainConfig, run_dir: Path, task: Task | Path | None,
                  resume: bool = False, say=print, cluster=None, group: WorkerGroup | None = None):
+        """``task``: what to train (:class:`flashtrain.Task`); a path or None stands for
+        the config's image classifier with that digits cache (callers older than tasks)."""
         self.config = config
         self.run_dir = run_dir
-        self.data_cache = data_cache
+        self.task = resolve_task(task, config)
         self.resume = resume
         self.say = say
         self.checkpoint_dir = run_dir / "checkpoints"
@@ -143,7 +160,7 @@ class Trainer:
     def _ray_group(self) -> WorkerGroup:
         from flashtrain.elastic.ray_group import RayWorkerGroup  # the product's workers
 
-        return RayWorkerGroup(self.config, str(self.data_cache))
+        return RayWorkerGroup(self.config, self.task)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -215,7 +232,7 @@ class Trainer:
 
     def _datasets(self):
         """The run's datasets (only their sizes and skipped files are used here)."""
-        return build_datasets(self.config.data, self.data_cache)
+        return task_datasets(self.task)
 
     def _write_outputs(self, summary: dict) -> None:
         write_summary(self.run_dir, summary)
@@ -419,7 +436,7 @@ class Trainer:
                       # The split of the rank whose step took longest (see StepResult);
                       # the other ranks' exposed wait also holds their wait for it.
                       **_step_split(results),
-                      train_acc=sum(r.correct for r in results) / max(samples, 1))
+                      **_train_accuracy(results, samples))
         if plan.global_step % self.config.runtime.log_every_steps == 0 or plan.end_of_epoch:
             # Stamped when the step ended on its last rank, not when the window's results
             # reached the driver.
@@ -430,14 +447,17 @@ class Trainer:
     def _validate(self, epoch: int | None = None, final: bool = False) -> dict:
         counts = self.controller.run_on_grid("validate", step=self.controller.committed_step)
         total = sum(c["count"] for c in counts) or 1
-        result = {"top1": sum(c["top1"] for c in counts) / total,
-                  "top5": sum(c["top5"] for c in counts) / total,
-                  "val_loss": sum(c["loss_sum"] for c in counts) / total,
-                  "val_skipped": sum(c.get("skipped", 0) for c in counts)}
+        # The task's metrics are per-batch sums (Task.metrics): summed over the ranks,
+        # then divided by the samples, they are per-sample means of the whole set.
+        names = sorted({name for c in counts for name in c["metrics"]})
+        result = {name: sum(c["metrics"].get(name, 0.0) for c in counts) / total
+                  for name in names}
+        result.update(val_loss=sum(c["loss_sum"] for c in counts) / total,
+                      val_skipped=sum(c.get("skipped", 0) for c in counts))
         clock = self.clock.state()
         if not final:
             self.metrics.epoch(epoch=epoch, samples=clock["samples_per_epoch"][epoch], **result)
-            self.say(f"epoch {epoch}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+            self.say(f"epoch {epoch}: {describe_metrics(result)}  "
                      f"val loss {result['val_loss']:.4f}  grid {self.controller.state.grid}")
         self.totals.last_eval = result
         return result
@@ -469,7 +489,7 @@ class Trainer:
         return {"format": 1, "model": state["model"], "optimizer": state["optimizer"],
                 "scaler": state.get("scaler"), "clock": clock,
                 "config": self.config.model_dump(mode="json"),
-                "model_name": self.config.model.name,
+                "model_name": model_name(self.task, self.config),
                 "num_classes": self.controller.num_classes}
 
     def _checkpoint_last_commit(self) -> None:
@@ -522,8 +542,8 @@ class Trainer:
         skipped = self.totals.skipped_per_epoch(len(covered))
         skipped_names = sorted(self.totals.skipped_names())
         return {
-            "final_top1": final["top1"],
-            "final_top5": final["top5"],
+            **{f"final_{name}": value for name, value in final.items()
+               if name not in ("val_loss", "val_skipped")},
             "final_val_loss": final["val_loss"],
             "epochs": clock["epoch"] + (clock["cursor"] / num_samples),
             "global_steps": clock["global_step"],
@@ -541,5 +561,6 @@ class Trainer:
             "val_skipped": final.get("val_skipped", 0),
             "reforms": self.controller.reforms,
             "final_grid": str(self.controller.state.grid),
-            "model": self.config.model.name,
+            "model": model_name(self.task, self.config),
+            "task": task_name(self.task),
         }

@@ -50,12 +50,13 @@ PLACEMENT_POLL_S = 0.5  # how often, at most, starting spares are looked up in t
 
 
 def start_worker(grid_cfg: GridConfig, reservation: Reservation, bundle: int, config,
-                 data_cache: str) -> Member:
-    """Start a worker actor in ``bundle`` of ``reservation`` (its node is learnt later)."""
+                 task) -> Member:
+    """Start a worker actor in ``bundle`` of ``reservation`` (its node is learnt later),
+    training ``task`` (see :class:`~flashtrain.train.worker.Worker`)."""
     actor = WorkerActor.options(
         num_cpus=grid_cfg.cpus_per_worker, num_gpus=1 if grid_cfg.use_gpu else 0,
         scheduling_strategy=in_bundle(reservation.group, bundle),
-    ).remote(config, data_cache)
+    ).remote(config, task)
     return Member(actor, None, reservation, bundle, name=actor._actor_id.hex())
 
 
@@ -130,9 +131,9 @@ class SparePool:
     new one-bundle placement group, which waits for a node to join.
     """
 
-    def __init__(self, config, data_cache: str):
+    def __init__(self, config, task):
         self._config = config
-        self._data_cache = data_cache
+        self._task = task
         self._starting: list[tuple[Member, object]] = []  # (member, ready ref)
         self.ready: list[Member] = []
         self.free_bundles: list[tuple[Reservation, int]] = []
@@ -161,7 +162,7 @@ class SparePool:
                 self.reservations.append(reservation)
                 bundle = 0
             member = start_worker(self._config.grid, reservation, bundle, self._config,
-                                  self._data_cache)
+                                  self._task)
             member.requested_at = time.time()
             self._starting.append((member, member.actor.__ray_call__.remote(_ready_info)))
 

@@ -9,6 +9,7 @@ through this object.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -62,10 +63,12 @@ class RayWorkerGroup(WorkerGroup):
 
     failures = (RayActorError, RayTaskError, GetTimeoutError)
 
-    def __init__(self, config, data_cache: str):
+    def __init__(self, config, task):
+        """``task``: what every worker trains (a :class:`flashtrain.Task`; a path stands
+        for the config's image classifier with that digits cache)."""
         self._config = config
-        self._data_cache = str(data_cache)
-        self.spares = SparePool(config, self._data_cache)
+        self._task = task if not isinstance(task, Path) else str(task)
+        self.spares = SparePool(config, self._task)
 
     # -- time ------------------------------------------------------------------------
 
@@ -104,7 +107,7 @@ class RayWorkerGroup(WorkerGroup):
         members = []
         for reservation, bundle in slots:
             member = start_worker(self._config.grid, reservation, bundle, self._config,
-                                  self._data_cache)
+                                  self._task)
             member.node = reservation.bundle_nodes[bundle]
             members.append(member)
         return members

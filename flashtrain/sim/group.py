@@ -248,7 +248,8 @@ class SimWorkerGroup(WorkerGroup):
             sim.model = args[0]["model"]
             return None
         if method == "validate":
-            return {"count": 1, "top1": 0.0, "top5": 0.0, "loss_sum": 0.0, "skipped": 0}
+            return {"count": 1, "metrics": {"top1": 0.0, "top5": 0.0}, "loss_sum": 0.0,
+                    "skipped": 0}
         if method == "average_buffers":
             return None
         raise NotImplementedError(f"the simulator has no member method {method!r}")

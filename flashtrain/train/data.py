@@ -38,7 +38,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from flashtrain.config import DataConfig
 from flashtrain.schedule import split_batch
 from flashtrain.sharding import epoch_permutation, shard_indices, step_batch
-from flashtrain.train.decode import LoadedBatch, RGBLoader, SkipUndecodable, collate_skipping
+from flashtrain.train.decode import (
+    LoadedBatch,
+    RGBLoader,
+    SkippingCollate,
+    SkipUndecodable,
+    collate_skipping,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +175,7 @@ class DatasetPair:
 
     train: Dataset
     val: Dataset
-    num_classes: int
+    num_classes: int | None  # None: not a classifier
     skipped_files: int  # unreadable image files left out of train and val together
 
 
@@ -507,12 +513,22 @@ def val_slice(num_samples: int, rank: int, num_workers: int) -> range:
 
 
 def make_val_loader(dataset: Dataset, rank: int, num_workers: int, batch_size: int,
-                    loader_workers: int = 0) -> DataLoader:
+                    collate=None, loader_workers: int = 0) -> DataLoader:
     """Loader of :class:`LoadedBatch` over this rank's :func:`val_slice` of ``dataset``,
     in order; undecodable images are skipped and named, as in training. Callers should
     count (correct, total) over it and sum the counts across ranks, not average means:
     slices differ in size by one."""
     indices = list(val_slice(len(dataset), rank, num_workers))
     return DataLoader(SkipUndecodable(Subset(dataset, indices)), batch_size=batch_size,
-                      shuffle=False, num_workers=loader_workers, collate_fn=collate_skipping,
-                      persistent_workers=False)
+                      shuffle=False, num_workers=loader_workers,
+                      collate_fn=SkippingCollate(collate), persistent_workers=False)
+
+
+def task_datasets(task) -> DatasetPair:
+    """A :class:`~flashtrain.Task`'s ``(train, val)`` as a :class:`DatasetPair` (a task
+    may return one itself, with its class count and skipped files)."""
+    pair = task.datasets()
+    if isinstance(pair, DatasetPair):
+        return pair
+    train, val = pair
+    return DatasetPair(train, val, task.num_classes, 0)

@@ -18,6 +18,7 @@ the markers, returning their names next to the batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -97,11 +98,23 @@ class SkipUndecodable(Dataset):
             return SkippedSample(err.name, err.reason)
 
 
-def collate_skipping(items: list[Any]) -> LoadedBatch:
-    """Collate the decoded samples of ``items``; the skipped ones leave only their names."""
+def collate_skipping(items: list[Any], collate: Callable[[list], Any] = default_collate) -> LoadedBatch:
+    """Collate the decoded samples of ``items`` with ``collate`` (a task's, see
+    :meth:`flashtrain.Task.collate`); the skipped ones leave only their names."""
     skipped = tuple(item for item in items if isinstance(item, SkippedSample))
     kept = [item for item in items if not isinstance(item, SkippedSample)]
     if not kept:
         return LoadedBatch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
-    images, labels = default_collate(kept)
+    images, labels = collate(kept)
     return LoadedBatch(images, labels, skipped)
+
+
+class SkippingCollate:
+    """:func:`collate_skipping` with a task's ``collate`` (a class, so it pickles into
+    DataLoader worker processes)."""
+
+    def __init__(self, collate: Callable[[list], Any] | None = None) -> None:
+        self.collate = collate or default_collate
+
+    def __call__(self, items: list[Any]) -> LoadedBatch:
+        return collate_skipping(items, self.collate)

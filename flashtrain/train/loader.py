@@ -32,7 +32,7 @@ from flashtrain.train.data import (
     SampleKey,
     StepBatchSampler,
 )
-from flashtrain.train.decode import LoadedBatch, SkipUndecodable, collate_skipping
+from flashtrain.train.decode import LoadedBatch, SkippingCollate, SkipUndecodable, collate_skipping
 
 # A step's batch on the device, or None where this rank's share of the step is empty.
 DeviceStep = tuple[RankStep, LoadedBatch | None]
@@ -87,15 +87,17 @@ class StepStream:
                                 self._transform)
 
 
-def make_train_stream(dataset: Dataset, data_cfg: DataConfig, device: torch.device) -> StepStream:
+def make_train_stream(dataset: Dataset, data_cfg: DataConfig, device: torch.device,
+                      collate: Callable | None = None) -> StepStream:
     """The worker's stream for ``data_cfg``: with ``decode=gpu`` its loader reads bytes
-    and the device decodes and augments them (:mod:`flashtrain.train.gpu_decode`)."""
+    and the device decodes and augments them (:mod:`flashtrain.train.gpu_decode`);
+    otherwise its batches are put together by ``collate`` (a task's)."""
     if data_cfg.decode == "gpu":
         from flashtrain.train.gpu_decode import DeviceDecode, collate_encoded
 
         return StepStream(dataset, data_cfg.loader_workers, device, collate=collate_encoded,
                           batch_transform=DeviceDecode(data_cfg.image_size, device))
-    return StepStream(dataset, data_cfg.loader_workers, device)
+    return StepStream(dataset, data_cfg.loader_workers, device, collate=SkippingCollate(collate))
 
 
 def _with_plans(sampler: StepBatchSampler, batches: Iterator[LoadedBatch]) -> Iterator[DeviceStep]:

@@ -223,7 +223,9 @@ def records_of(records: Iterable[dict[str, Any]], kind: str) -> list[dict[str, A
 def write_summary(run_dir: Path | str, summary: dict[str, Any]) -> Path:
     """Write ``<run_dir>/summary.json`` atomically (temp file, fsync, rename). Warns
     about keys of ``SUMMARY_KEYS`` that are missing."""
-    missing = [key for key in SUMMARY_KEYS if key not in summary]
+    has_final = any(key.startswith("final_") for key in summary)  # a task's own metrics
+    missing = [key for key in SUMMARY_KEYS if key not in summary
+               and not (has_final and key.startswith("final_"))]
     if missing:
         log.warning("summary.json lacks %s", ", ".join(missing))
     target = Path(run_dir) / SUMMARY_FILE
@@ -251,3 +253,16 @@ def topk_correct(logits: Any, targets: Any, ks: tuple[int, ...] = (1, 5)) -> dic
     top = logits.topk(widest, dim=1).indices
     hits = top == targets.view(-1, 1)
     return {k: int(hits[:, : min(k, widest)].any(dim=1).sum()) for k in ks}
+
+
+def describe_metrics(result: dict) -> str:
+    """A validation result as one line: top-1/top-5 as before tasks, any other metric
+    by its name."""
+    labels = {"top1": "top-1", "top5": "top-5"}
+    return "  ".join(f"{labels.get(name, name)} {value:.4f}" for name, value in result.items()
+                     if name not in ("val_loss", "val_skipped"))
+
+
+def task_name(task) -> str:
+    """``module:Class`` of a task, for the summary."""
+    return f"{type(task).__module__}:{type(task).__qualname__}"

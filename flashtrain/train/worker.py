@@ -16,22 +16,21 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from pathlib import Path
 
 import ray
 import torch
-import torch.nn.functional as F
 
 from flashtrain import collective
 from flashtrain.config import FlashtrainConfig
+from flashtrain.task import Task, build_seeded, to_device
+from flashtrain.tasks.images import resolve_task
 from flashtrain.topology import Grid
 from flashtrain.train.amp import LossScaler
 from flashtrain.train.clock import StepPlan, StepResult
-from flashtrain.train.data import StepBatchSampler, build_datasets, make_val_loader
+from flashtrain.train.data import StepBatchSampler, make_val_loader, task_datasets
 from flashtrain.train.decode import SkippedSample
 from flashtrain.train.digest import replica_checksums
 from flashtrain.train.loader import make_train_stream
-from flashtrain.train.models import build_model, parameter_groups
 from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay
 from flashtrain.train.replicas import digest_of
 
@@ -43,22 +42,24 @@ _COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Worker:
     """A model replica bound to one cell of the current grid."""
 
-    def __init__(self, config: FlashtrainConfig, data_cache: str):
+    def __init__(self, config: FlashtrainConfig, task: Task | str | None):
+        """``task``: what to train (:class:`flashtrain.Task`); a path or None stands for
+        the config's image classifier with that digits cache (callers older than tasks)."""
         self._config = config
         if not config.grid.use_gpu:
             torch.set_num_threads(config.grid.torch_threads)
         self.device = torch.device("cuda" if config.grid.use_gpu else "cpu")
         collective.register()
-        datasets = build_datasets(config.data, Path(data_cache))
+        self.task = resolve_task(task, config)
+        datasets = task_datasets(self.task)
         self.train_set, self.val_set = datasets.train, datasets.val
         self.num_classes = datasets.num_classes
-        self.model = build_model(config.model.name, self.num_classes, config.runtime.seed,
-                                 config.model.zero_init_residual).to(self.device)
+        self.model = build_seeded(self.task, config.runtime.seed).to(self.device)
         if config.grid.use_gpu and config.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         opt = config.optimizer
         self.optimizer = torch.optim.SGD(
-            parameter_groups(self.model, opt.weight_decay, opt.no_decay_bn_bias),
+            self.task.param_groups(self.model, opt.weight_decay, opt.no_decay_bn_bias),
             lr=0.0, momentum=opt.momentum, nesterov=opt.nesterov)
         self.scaler = LossScaler(enabled=self._amp_dtype() == torch.float16)
         self.comm: collective.GridComm | None = None
@@ -149,14 +150,14 @@ class Worker:
             if len(labels):
                 with torch.autocast(self.device.type, dtype=self._amp_dtype() or torch.float32,
                                     enabled=self._amp_dtype() is not None):
-                    logits = self.model(images)
-                    loss = F.cross_entropy(logits.float(), labels,
-                                           label_smoothing=self._config.schedule.label_smoothing)
+                    outputs = self.model(images)
+                    loss = self.task.loss(outputs, labels,
+                                          label_smoothing=self._config.schedule.label_smoothing)
                 # Weight b_r / B: summing the weighted local means over workers gives the
                 # mean over the global batch, however unevenly it was split.
                 self.scaler.scale(loss * (len(labels) / plan.batch)).backward()
                 # Kept on the device: read once, after the optimizer (no sync mid-step).
-                correct = (logits.detach().argmax(1) == labels).sum()
+                correct = self.task.num_correct(outputs, labels)
         except collective.CollectiveError:
             self.leave()  # a bucket's all-reduce failed in the backward: as after sync below
             raise
@@ -283,7 +284,7 @@ class Worker:
                 rank=self.rank, seed=plan.seed, min_tail=plan.min_tail)
             if self._train_stream is None:
                 self._train_stream = make_train_stream(self.train_set, self._config.data,
-                                                       self.device)
+                                                       self.device, self.task.collate)
             self._batches = [key, self._train_stream.start(sampler), plan.cursor]
         step, batch = next(self._batches[1])
         if (step.cursor, step.batch) != (plan.cursor, plan.batch):
@@ -294,8 +295,7 @@ class Worker:
             return torch.empty(0, device=self.device), torch.empty(0, dtype=torch.long)
         images, labels, skipped = batch
         self._step_skipped = tuple(dataclasses.replace(s, rank=self.rank) for s in skipped)
-        return (images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True))
+        return to_device(images, self.device), to_device(labels, self.device)
 
     def _amp_dtype(self) -> torch.dtype | None:
         if self._config.model.precision == "fp32":  # CPU autocast does fp16 and bf16 too
@@ -319,26 +319,26 @@ class Worker:
 
     @torch.no_grad()
     def validate(self, batch_size: int = 256) -> dict:
-        """Top-1/top-5 counts and loss sum over this rank's slice of the validation set,
-        and how many of its images could not be decoded (``skipped``, not in ``count``)."""
+        """Sums over this rank's slice of the validation set: the task's metrics, the loss
+        and the sample count, and how many samples could not be decoded (``skipped``,
+        not in ``count``). The driver adds them up over the ranks."""
         self.average_buffers()
         self.model.eval()
-        top1 = top5 = count = skipped = 0
+        count = skipped = 0
         loss_sum = 0.0
-        for images, labels, undecodable in make_val_loader(self.val_set, self.rank,
-                                                           self.grid.num_workers, batch_size):
+        sums: dict[str, float] = {}
+        for inputs, targets, undecodable in make_val_loader(
+                self.val_set, self.rank, self.grid.num_workers, batch_size, self.task.collate):
             skipped += len(undecodable)
-            if not len(labels):
+            if not len(targets):
                 continue
-            images, labels = images.to(self.device), labels.to(self.device)
-            logits = self.model(images).float()
-            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += int((best[:, 0] == labels).sum())
-            top5 += int((best == labels[:, None]).any(dim=1).sum())
-            count += len(labels)
-        return {"top1": top1, "top5": top5, "count": count, "loss_sum": loss_sum,
-                "skipped": skipped}
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+            outputs = self.model(inputs)
+            loss_sum += float(self.task.loss(outputs, targets, label_smoothing=0.0)) * len(targets)
+            for name, value in self.task.metrics(outputs, targets).items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+            count += len(targets)
+        return {"metrics": sums, "count": count, "loss_sum": loss_sum, "skipped": skipped}
 
     def state(self) -> dict:
         """Model and optimizer state on the CPU (for checkpoints and newcomers)."""
@@ -436,12 +436,14 @@ class Worker:
 
 
 def _read_metrics(loss: torch.Tensor | None, correct: torch.Tensor | None,
-                  count: int) -> tuple[float, int]:
+                  count: int) -> tuple[float, int | None]:
     """The step's loss sum and correct count as Python numbers: one device-to-host read
     for both (on a GPU the step's only sync besides fp16's overflow vote and the
     exposed-communication timer)."""
     if loss is None:
         return 0.0, 0
+    if correct is None:  # the task has no notion of a right answer (regression)
+        return float(loss.detach()) * count, None
     mean, hits = torch.stack([loss.detach().float(), correct.float()]).tolist()
     return mean * count, int(hits)
 

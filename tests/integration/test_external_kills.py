@@ -5,13 +5,14 @@ local Ray): the operating system's SIGKILL hits worker processes found through R
 actor table, wherever they are. The run must recover from every kill within the bound,
 train every sample of every finished epoch exactly once, and keep learning.
 
-A worker whose own code raises (here: a model that cannot take the images' size) is not
+A worker whose own code raises (here: a task's model that fails in training) is not
 a lost member: the run stops at once with that worker's error, with no re-form.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,17 +46,46 @@ def test_sigkilled_workers_recover_within_the_bound_exactly_once(tmp_path):
     assert "target median" in result.stdout
 
 
+BUGGY_TASK = """
+import torch
+from torch.utils.data import TensorDataset
+
+import flashtrain
+
+
+class Fragile(torch.nn.Linear):
+    def forward(self, inputs):
+        if self.training:  # the check before start runs the model in eval mode: it passes
+            raise RuntimeError("a bug that only training reaches")
+        return super().forward(inputs)
+
+
+class Buggy(flashtrain.ClassificationTask):
+    def build_model(self, seed):
+        return Fragile(4, 3)
+
+    def datasets(self):
+        generator = torch.Generator().manual_seed(0)
+        x, y = torch.randn(256, 4, generator=generator), torch.randint(3, (256,), generator=generator)
+        return TensorDataset(x, y), TensorDataset(x[:32], y[:32])
+"""
+
+
 @pytest.mark.parametrize("grid,fanout", [("1x2", 16), ("2x2", 2)], ids=["direct", "relayed"])
 def test_worker_code_error_stops_the_run_without_reforming(tmp_path, grid, fanout):
-    # AlexNet's pooling cannot take 32x32 digits: every worker raises in its forward pass.
+    # Every worker raises in its first training forward pass (a model that cannot take
+    # its input at all is refused before start: tests/unit/test_task_checks.py).
     # Relayed (2x2, fan-out 2): the error reaches the driver inside a relay's answer.
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "flashtrain.jobs.imagenet", "--config", "jobs/cpu-smoke.yaml",
-               "--set", "model.name=alexnet", "--set", f"grid.shape={grid}",
+    (tmp_path / "buggy.py").write_text(BUGGY_TASK)
+    command = [sys.executable, "-m", "flashtrain.run", "buggy:Buggy",
+               "--config", str(REPO / "jobs/cpu-smoke.yaml"), "--set", f"grid.shape={grid}",
                "--set", f"runtime.relay_fanout={fanout}",
-               "--set", "runtime.ray_address=local", "--run-dir", str(run_dir),
-               "--data-cache", str(tmp_path / "digits")]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+               "--set", "runtime.ray_address=local", "--run-dir", str(run_dir)]
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "worker rank" in result.stderr and "raised in train_window at step" in result.stderr
     assert "RuntimeError" in result.stderr

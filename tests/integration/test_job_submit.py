@@ -55,7 +55,9 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, deadline_s: float) -> N
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """``(url, env, stop)``: a head of this test's own; ``stop()`` stops exactly it."""
+    """``(url, env, stop, home)``: a head of this test's own; ``stop()`` stops exactly it.
+    (One head per test: a second job on a head that ran one before was refused by its
+    auth token on Ray 2.60 here, so the heads are not shared.)"""
     gcs, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(6)
     home = tmp_path / "home"
     home.mkdir()
@@ -89,13 +91,15 @@ def ray_head(tmp_path):
 
     try:
         wait_for_dashboard(url, head, deadline_s=120)
-        yield url, env, stop
+        yield url, env, stop, home
     finally:
         stop()
 
 
-def submit(url: str, env: dict, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    """``ray job submit --working-dir .`` from the checkout (.git left out of the upload)."""
+def submit(url: str, env: dict, args: list[str], timeout_s: float, cwd: Path = REPO,
+           module: str = "flashtrain.jobs.imagenet") -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir .`` from ``cwd`` (default the checkout; .git left
+    out of the upload), running ``python -m module``."""
     # Ray 2.60 turns token auth on at the first `ray start`; the job CLI must say so.
     env = {**env, "RAY_AUTH_MODE": "token"}
     deadline = time.monotonic() + timeout_s
@@ -103,8 +107,8 @@ def submit(url: str, env: dict, args: list[str], timeout_s: float) -> subprocess
         result = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
              "--runtime-env-json", json.dumps({"excludes": [".git", "runs"]}), "--", "python",
-             "-m", "flashtrain.jobs.imagenet", *args],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+             "-m", module, *args],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
         # The job agent can come up a little after the dashboard answers.
         if "No available agent" not in result.stderr or time.monotonic() > deadline:
             return result
@@ -116,8 +120,54 @@ def files_of(run_dir: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
+USER_TASK = """
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import flashtrain
+
+
+class Regression(flashtrain.Task):
+    def build_model(self, seed):
+        return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+    def datasets(self):
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(96, 3, generator=generator)
+        y = x @ torch.tensor([2.0, -1.0, 0.5])
+        return TensorDataset(x[:80], y[:80]), TensorDataset(x[80:], y[80:])
+
+    def loss(self, outputs, targets, label_smoothing):
+        return F.mse_loss(outputs.squeeze(1), targets)
+
+    def metrics(self, outputs, targets):
+        return {"mse": ((outputs.squeeze(1) - targets) ** 2).sum()}
+"""
+
+
+def test_a_task_in_the_users_own_folder_submitted_with_working_dir(ray_head, tmp_path):
+    # The user's project: one file, outside flashtrain, shipped as the working directory.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mytask.py").write_text(USER_TASK)
+    url, env, _, _ = ray_head
+    result = submit(url, env, ["mytask:Regression", "--set", "grid.shape=1x2",
+                               "--set", "schedule.epochs=2", "--set", "schedule.warmup_epochs=0.5",
+                               "--set", "schedule.phases=[{start_epoch: 0, global_batch: 16}]",
+                               "--set", "runtime.progress=false"],
+                    timeout_s=300, cwd=project, module="flashtrain.run")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in out, out[-3000:]
+    said = re.search(r"flashtrain: run directory (\S+) ", out)
+    assert said, out[-3000:]
+    summary = json.loads((Path(said.group(1)) / "summary.json").read_text())
+    assert summary["task"] == "mytask:Regression"
+    assert summary["samples_per_epoch"] == [80, 80] and summary["final_mse"] >= 0
+
+
 def test_job_submitted_with_working_dir_keeps_its_run_after_the_cluster_stops(ray_head, tmp_path):
-    url, env, stop = ray_head
+    url, env, stop, home = ray_head
     result = submit(url, env, ["--config", "jobs/cpu-smoke.yaml", "--data-cache",
                                str(tmp_path / "cache")], timeout_s=400)
     out = result.stdout + result.stderr
@@ -127,7 +177,7 @@ def test_job_submitted_with_working_dir_keeps_its_run_after_the_cluster_stops(ra
     said = re.search(r"flashtrain: run directory (\S+) \((.*)\)", out)
     assert said, out[-3000:]
     run_dir = Path(said.group(1))
-    assert run_dir.parent == tmp_path / "home" / "flashtrain-runs"
+    assert run_dir.parent == home / "flashtrain-runs"
     assert "Ray's temporary copy" in said.group(2)
     printed = re.findall(r"(?:results in|report) (\S+)", out)
     assert len(printed) == 2 and all(p.startswith(str(run_dir)) for p in printed), printed
@@ -151,3 +201,4 @@ def test_job_submitted_with_working_dir_keeps_its_run_after_the_cluster_stops(ra
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{run_dir} is finished" in again.stdout
     assert files_of(run_dir) == before
+

@@ -115,3 +115,10 @@ def test_the_job_runs_go_next_to_the_shared_directory(tmp_path):
     assert runs_root_of(plan) == tmp_path / "runs"
     own = plan_for("--hosts", "a", "--share-dir", str(tmp_path / "scratch" / "j8"))
     assert runs_root_of(own) == tmp_path / "scratch"
+
+
+def test_a_task_of_the_users_runs_through_flashtrain_run():
+    plain = plan_for("--hosts", "h1", "--", "--config", "jobs/x.yaml")
+    assert plain.job_command == ["flashtrain.jobs.imagenet", "--config", "jobs/x.yaml"]
+    task = plan_for("--hosts", "h1", "--task", "mytask:Regression", "--", "--set", "a.b=1")
+    assert task.job_command == ["flashtrain.run", "mytask:Regression", "--set", "a.b=1"]

@@ -1,0 +1,33 @@
+"""``python -m flashtrain.run MODULE:TASK [--config FILE] [--set KEY=VALUE ...]``: train
+any :class:`flashtrain.Task` on the elastic grid.
+
+``MODULE`` is found in the current directory first, then on ``PYTHONPATH``; under
+``ray job submit --working-dir .`` the current directory is the shipped copy::
+
+    ray job submit --working-dir . -- python -m flashtrain.run mytask:Regression \\
+        --set schedule.epochs=3
+
+A task that cannot be imported or trained stops here with one message and exit status 2,
+before Ray starts and before any run directory is written (:mod:`flashtrain.task_checks`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from flashtrain.job import EXIT_CONFIG, parse_args, run_job
+from flashtrain.task_checks import TaskError, load_task
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        task = load_task(args.task)
+    except TaskError as err:
+        print(f"flashtrain: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_job(args, lambda config: task)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
