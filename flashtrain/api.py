@@ -1,6 +1,6 @@
 """``flashtrain.fit(task, config)``: train a :class:`~flashtrain.Task` from Python.
 
-The same job as ``python -m flashtrain.run`` (:mod:`flashtrain.job`): the task is
+The same job as ``python -m flashtrain.run`` (:mod:`flashtrain.jobs.job`): the task is
 checked before Ray starts, a run directory is written, and the summary is returned.
 """
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from flashtrain.config import FlashtrainConfig
-from flashtrain.job import prepare_job, start_job
+from flashtrain.jobs.job import prepare_job, start_job
 from flashtrain.task import Task
 from flashtrain.train.metrics import SUMMARY_FILE
 

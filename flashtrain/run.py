@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from flashtrain.job import EXIT_CONFIG, parse_args, run_job
+from flashtrain.jobs.job import EXIT_CONFIG, parse_args, run_job
 from flashtrain.task_checks import TaskError, load_task
 
 

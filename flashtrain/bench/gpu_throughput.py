@@ -83,6 +83,7 @@ def run_flashtrain(args: argparse.Namespace) -> dict:
 
     from flashtrain.config import load_config
     from flashtrain.elastic.membership import WorkerActor
+    from flashtrain.tasks.images import ImageClassification
     from flashtrain.topology import Grid
     from flashtrain.train.clock import TrainingClock
 
@@ -97,7 +98,8 @@ def run_flashtrain(args: argparse.Namespace) -> dict:
              include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="flashtrain-gpu-throughput-") as cache:
-            worker = WorkerActor.options(num_cpus=1, num_gpus=1).remote(config, cache)
+            worker = WorkerActor.options(num_cpus=1, num_gpus=1).remote(
+                config, ImageClassification.from_config(config, cache))
             ray.get(worker.join.remote(Grid(1, 1), 0, 0), timeout=600)
             ray.get(worker.train_window.remote(plans[:args.warmup]), timeout=1800)
             began = time.perf_counter()

@@ -6,7 +6,7 @@ folder. Under ``ray job submit`` (or after ``ray start --head``) it joins that c
 
 It is one task on the engine's interface (:class:`flashtrain.tasks.images.ImageClassification`,
 what ``model.*`` and ``data.*`` name) run by the same job as ``python -m flashtrain.run``
-(:mod:`flashtrain.job`).
+(:mod:`flashtrain.jobs.job`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flashtrain.job import (  # noqa: F401 - the job's helpers, as callers found them here
+from flashtrain.jobs.job import (  # noqa: F401 - the job's helpers, as callers found them here
     EXIT_CONFIG,
     EXIT_FAILED,
     resolve_run,
     run_job,
     write_run_report,
 )
-from flashtrain.job import parse_args as _parse_job_args
+from flashtrain.jobs.job import parse_args as _parse_job_args
 from flashtrain.tasks.images import ImageClassification
 
 

@@ -23,7 +23,6 @@ import torch
 from flashtrain import collective
 from flashtrain.config import FlashtrainConfig
 from flashtrain.task import Task, build_seeded, to_device
-from flashtrain.tasks.images import resolve_task
 from flashtrain.topology import Grid
 from flashtrain.train.amp import LossScaler
 from flashtrain.train.clock import StepPlan, StepResult
@@ -42,15 +41,15 @@ _COMM_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Worker:
     """A model replica bound to one cell of the current grid."""
 
-    def __init__(self, config: FlashtrainConfig, task: Task | str | None):
-        """``task``: what to train (:class:`flashtrain.Task`); a path or None stands for
-        the config's image classifier with that digits cache (callers older than tasks)."""
+    def __init__(self, config: FlashtrainConfig, task: Task):
+        """``task``: what to train (:class:`flashtrain.Task`; the driver resolves a
+        config's image classifier into one before it starts workers)."""
         self._config = config
         if not config.grid.use_gpu:
             torch.set_num_threads(config.grid.torch_threads)
         self.device = torch.device("cuda" if config.grid.use_gpu else "cpu")
         collective.register()
-        self.task = resolve_task(task, config)
+        self.task = task
         datasets = task_datasets(self.task)
         self.train_set, self.val_set = datasets.train, datasets.val
         self.num_classes = datasets.num_classes

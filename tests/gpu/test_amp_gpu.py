@@ -39,10 +39,12 @@ def read(worker) -> dict:
 
 def start_workers(ray, config, tmp_path, count: int) -> list:
     from flashtrain.elastic.membership import WorkerActor
+    from flashtrain.tasks.images import ImageClassification
 
     return [WorkerActor.options(num_gpus=gpu_share(count),
                                 runtime_env={"env_vars": same_gpu_env(rank)}).remote(
-        config, str(tmp_path / "cache")) for rank in range(count)]
+        config, ImageClassification.from_config(config, str(tmp_path / "cache")))
+        for rank in range(count)]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])

@@ -38,12 +38,13 @@ def snapshot(actor) -> dict:
 @pytest.fixture(scope="module")
 def workers(ray_session, tmp_path_factory):
     from flashtrain.elastic.membership import WorkerActor
+    from flashtrain.tasks.images import ImageClassification
 
     config = load_config(None, CONFIG)
-    cache = str(tmp_path_factory.mktemp("cache"))
+    task = ImageClassification.from_config(config, str(tmp_path_factory.mktemp("cache")))
 
     def start():
-        actor = WorkerActor.options(num_cpus=0.25).remote(config, cache)
+        actor = WorkerActor.options(num_cpus=0.25).remote(config, task)
         ray.get(actor.__ray_call__.remote(
             lambda w: setattr(w.scaler, "scale_value", START_SCALE)), timeout=120)
         return actor

@@ -14,9 +14,13 @@ ALLOWED = {
     "collective": set(),
     "train": {"collective"},
     "elastic": {"collective", "train"},
-    "driver": {"elastic", "train"},
-    "jobs": {"driver", "train"},
-    "bench": {"collective", "driver", "elastic", "train"},
+    # The tasks that ship (the image classifier, the diabetes regression) are built
+    # from the training layer's data sets and models; the driver resolves a config
+    # into one of them.
+    "tasks": {"train"},
+    "driver": {"elastic", "tasks", "train"},
+    "jobs": {"driver", "tasks", "train"},
+    "bench": {"collective", "driver", "elastic", "tasks", "train"},
     # The simulator runs the driver loop and the controller against simulated members.
     "sim": {"driver", "elastic", "train"},
 }
@@ -55,8 +59,15 @@ def test_packages_import_only_the_layers_below_them():
             assert not extra, f"{path.relative_to(PACKAGE.parent)} imports {sorted(extra)}"
 
 
+# ``flashtrain.fit`` and ``python -m flashtrain.run``: the job's front doors, on top of
+# everything (as the jobs package is); nothing in the product imports them.
+ENTRY_POINTS = {"api.py", "run.py"}
+
+
 def test_core_modules_import_no_package_above_them():
     for path in PACKAGE.glob("*.py"):
+        if path.name in ENTRY_POINTS:
+            continue
         assert not imported_packages(path) & {"bench", "driver", "jobs", "elastic"}, path
 
 
