@@ -143,8 +143,10 @@ def summary_rows(run: RunRecord) -> list[tuple[str, str]]:
     """The headline figures: from summary.json, or, without one, from the records so far."""
     summary = run.summary
     if summary is not None:
-        rows = [("final top-1", _percent(summary.get("final_top1"))),
-                ("final top-5", _percent(summary.get("final_top5")))]
+        # a classifier's accuracies first, as percentages; any task's own final metrics
+        # (final_mse, ...) come with the other keys below
+        rows = [(label, _percent(summary[key])) for key, label in
+                (("final_top1", "final top-1"), ("final_top5", "final top-5")) if key in summary]
         skip = {"final_top1", "final_top5", "reforms", "segments"}
         rows += [(key.replace("_", " "), _fmt(value)) for key, value in summary.items()
                  if key not in skip and not isinstance(value, dict)]
@@ -155,11 +157,21 @@ def summary_rows(run: RunRecord) -> list[tuple[str, str]]:
     last_epoch = epochs[-1] if epochs else {}
     return [("last recorded step", str(steps[-1].get("step", "-")) if steps else "-"),
             ("last validated epoch", str(last_epoch.get("epoch", "-"))),
-            ("its top-1", _percent(last_epoch.get("top1"))),
-            ("its top-5", _percent(last_epoch.get("top5"))),
+            *_epoch_metric_rows(last_epoch),
             ("last record at", f"{max(times):.1f} s" if times else "-"),
             ("grid now", str(steps[-1].get("grid", "-")) if steps else "-"),
             ("grid re-forms", str(len(run.reforms)))]
+
+
+def _epoch_metric_rows(epoch: dict) -> list[tuple[str, str]]:
+    """An epoch record's validation metrics: top-1/top-5 as percentages for a
+    classifier (shown as "-" before the first epoch), any other task's as numbers."""
+    if not epoch or "top1" in epoch:
+        return [("its top-1", _percent(epoch.get("top1"))),
+                ("its top-5", _percent(epoch.get("top5")))]
+    skip = {"kind", "time", "epoch", "samples", "val_skipped"}
+    return [(f"its {key.replace('_', ' ')}", _fmt(value)) for key, value in epoch.items()
+            if key not in skip and isinstance(value, (int, float))]
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -130,6 +130,29 @@ def loss_figure(steps: list, reforms: list, span: tuple[float, float] | None = N
                         "dashed lines are grid re-forms.", _png(figure))
 
 
+# An epoch record's fields that are bookkeeping, not one of the task's metrics.
+_EPOCH_FIELDS = {"kind", "time", "epoch", "samples", "val_skipped"}
+
+
+def validation_figure(epochs: list, reforms: list,
+                      span: tuple[float, float] | None = None) -> ReportFigure:
+    """Top-1 (and top-5) for a classifier; for any other task, each of its validation
+    metrics and the validation loss, on their own scale."""
+    if not epochs or any("top1" in e for e in epochs):
+        return top1_figure(epochs, reforms, span)
+    names = sorted({k for e in epochs for k, v in e.items()
+                    if k not in _EPOCH_FIELDS and _number(v)})
+    figure = Figure(figsize=(8, 3.6))
+    axes = figure.add_subplot()
+    for name in names:
+        times, values = series(epochs, "time", name)
+        axes.plot(times, values, marker="o", label=f"validation {name}")
+    _finish_time_axes(axes, reforms, span, bool(names), ylabel="value",
+                      title="Validation metrics against time")
+    return ReportFigure("validation", "The task's validation metrics and loss at the end of "
+                        "each epoch against wall time.", _png(figure))
+
+
 def top1_figure(epochs: list, reforms: list, span: tuple[float, float] | None = None) -> ReportFigure:
     figure = Figure(figsize=(8, 3.6))
     axes = figure.add_subplot()
@@ -266,6 +289,6 @@ def report_figures(records: list[dict[str, Any]], reforms: list[dict[str, Any]])
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     span = time_span(records)
-    return [loss_figure(steps, reforms, span), top1_figure(epochs, reforms, span),
+    return [loss_figure(steps, reforms, span), validation_figure(epochs, reforms, span),
             batch_lr_figure(steps, reforms), grid_figure(records, reforms, span),
             step_time_figure(steps)]

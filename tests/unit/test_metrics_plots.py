@@ -93,9 +93,9 @@ def test_topk_counts() -> None:
     assert topk_correct(logits[:0], torch.tensor([], dtype=torch.long)) == {1: 0, 5: 0}
 
 
-def _assert_pngs(paths: list[Path], run_dir: Path) -> None:
-    assert sorted(p.name for p in paths) == ["batch_lr.png", "grid.png", "loss.png", "step_split.png",
-                                             "top1.png"]
+def _assert_pngs(paths: list[Path], run_dir: Path, metrics_png: str = "top1.png") -> None:
+    assert sorted(p.name for p in paths) == sorted(["batch_lr.png", "grid.png", "loss.png",
+                                                    "step_split.png", metrics_png])
     for path in paths:
         assert path.parent == run_dir
         data = path.read_bytes()
@@ -111,6 +111,22 @@ def test_plots_of_a_full_run(tmp_path: Path) -> None:
 def test_plots_before_any_epoch_or_reform(tmp_path: Path) -> None:
     _write_run(tmp_path, with_epochs=False, with_reform=False)
     _assert_pngs(write_plots(tmp_path), tmp_path)
+
+
+def test_a_task_without_top1_gets_a_figure_of_its_own_metrics(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with MetricsWriter(tmp_path, clock=clock) as writer:
+        for epoch in range(3):
+            clock.now += 5.0
+            writer.step(step=epoch, epoch=epoch, loss=1.0 / (epoch + 1), lr=0.1, global_batch=8)
+            writer.epoch(epoch=epoch, samples=100, mse=0.9 - 0.2 * epoch,
+                         mae=0.7 - 0.1 * epoch, val_loss=0.9 - 0.2 * epoch, val_skipped=0)
+    _assert_pngs(write_plots(tmp_path), tmp_path, metrics_png="validation.png")
+    from flashtrain.train.figures import report_figures, validation_figure
+
+    figure = validation_figure(records_of(read_metrics(tmp_path), "epoch"), [])
+    assert figure.name == "validation"
+    assert len(report_figures(read_metrics(tmp_path), [])) == 5
 
 
 def test_plots_of_an_empty_run(tmp_path: Path) -> None:
