@@ -103,11 +103,16 @@ class FlashGlooGroup(IndependentGroup):
         """Close the group's connections (see the module docstring): a wait on them, on
         any thread, ends at once with an error, which that thread raises as aborted."""
         pg = self._pg
-        if pg is None or self.world_size < 2:
+        if pg is None:
             return
-        with contextlib.suppress(RuntimeError):  # the timeout is the point
-            work = pg.recv([torch.empty(1)], (self.rank + 1) % self.world_size, _ABORT_TAG)
-            work.wait(td(0.001))
+        # Each peer in turn: a connection already closed (a dead peer) fails at once
+        # without closing the others; the first live one times out and closes them all,
+        # after which every later receive fails at once.
+        for offset in range(1, self.world_size):
+            with contextlib.suppress(RuntimeError):  # the timeout is the point
+                work = pg.recv([torch.empty(1)], (self.rank + offset) % self.world_size,
+                               _ABORT_TAG)
+                work.wait(td(0.001))
 
     def _started(self, op: str, start: Callable[[], object]):
         try:
