@@ -14,14 +14,11 @@ its row group and its column group gets wrong sums. Here each group constructs i
   is raised as :class:`CollectiveTimeoutError` naming group, rank and operation;
 * :meth:`FlashGlooGroup.abort` (called from another thread, e.g. a control method of
   the worker actor) makes the pending operation and every later one raise
-  :class:`CollectiveAbortedError` at once. gloo cannot interrupt a blocked wait
-  (``ProcessGroupGloo.abort()`` does not wake it), but a wait on a closed connection
-  ends at once: an abort closes the group's connections (it lets a receive of its own,
-  on a tag nothing else uses, run out of a 1 ms timeout, and gloo closes every
-  connection of a group whose wait timed out). So the caller waits for its operation
-  on its own thread, with no hand-off to another thread per wait, and an abort still
-  wakes it within milliseconds; the peers' pending operations with this rank fail at
-  once too, as they would if it died.
+  :class:`CollectiveAbortedError` at once. gloo itself cannot interrupt a blocked wait
+  (``ProcessGroupGloo.abort()`` does not wake it), so the blocking waits run on a
+  waiter thread of the group and the caller waits on an event that either the waiter
+  or :meth:`~FlashGlooGroup.abort` sets; an aborted wait is left to end at its own
+  (bounded) timeout in the background (:mod:`flashtrain.collective.waiter`).
 
 The forming, the deadline and the abort are shared with the NCCL backend
 (:mod:`flashtrain.collective.group_base`). ``register()`` must run in the driver and in
@@ -49,13 +46,9 @@ from flashtrain.collective.group_base import (
     set_group_timeout,
 )
 from flashtrain.collective.rendezvous import td
+from flashtrain.collective.waiter import Waiter
 
 BACKEND_NAME = "FLASHTRAIN_GLOO"
-
-# A tag no operation of flashtrain's uses: the receive an abort lets time out.
-_ABORT_TAG = 2**24 - 1
-
-_WAIT_MARGIN_S = 1.0
 
 __all__ = ["BACKEND_NAME", "DEFAULT_TIMEOUT_S", "FlashGlooGroup", "register",
            "set_group_timeout"]
@@ -68,6 +61,10 @@ def register() -> str:
 
 class FlashGlooGroup(IndependentGroup):
     """One independent gloo process group (see the module docstring)."""
+
+    def __init__(self, world_size: int, rank: int, group_name: str):
+        super().__init__(world_size, rank, group_name)
+        self._waiter = Waiter(group_name)
 
     def _new_process_group(self, store, timeout):
         pg = dist.ProcessGroupGloo(store, self.rank, self.world_size, timeout)
@@ -92,50 +89,36 @@ class FlashGlooGroup(IndependentGroup):
         if pg is not None:
             with contextlib.suppress(Exception):
                 pg.abort()
-            # Not dropped here: ~ProcessGroupGloo joins gloo's threads, so after a failed
-            # operation it blocks until that operation reaches its own (bounded) timeout.
-            threading.Thread(target=_release, args=(pg,), daemon=True,
-                             name=f"gloo-release-{self.group_name}").start()
+            self._waiter.stop(keep=pg)
             del pg
         self._store = None
 
-    def _interrupt(self) -> None:
-        """Close the group's connections (see the module docstring): a wait on them, on
-        any thread, ends at once with an error, which that thread raises as aborted."""
-        pg = self._pg
-        if pg is None:
-            return
-        # Each peer in turn: a connection already closed (a dead peer) fails at once
-        # without closing the others; the first live one times out and closes them all,
-        # after which every later receive fails at once.
-        for offset in range(1, self.world_size):
-            with contextlib.suppress(RuntimeError):  # the timeout is the point
-                work = pg.recv([torch.empty(1)], (self.rank + offset) % self.world_size,
-                               _ABORT_TAG)
-                work.wait(td(0.001))
-
-    def _started(self, op: str, start: Callable[[], object]):
-        try:
-            return super()._started(op, start)
-        except CollectiveTimeoutError as exc:  # an abort closed the connections meanwhile
-            if self._abort_reason is not None:
-                raise CollectiveAbortedError(self.group_name, self.rank, op,
-                                             self._abort_reason) from exc
-            raise
-
     def _wait_work(self, op: str, remaining_s: float, work) -> None:
-        # gloo's own timeout (the operation's option) ends the work first; the margin
-        # only guards against a wait that ignores it.
-        self._await(op, lambda: work.wait(td(remaining_s + _WAIT_MARGIN_S)))
+        self._await(op, remaining_s, lambda: work.wait())
 
-    def _await(self, op: str, wait: Callable[[], object]) -> None:
-        """Run the bounded ``wait`` on this thread; an :meth:`abort` ends it at once."""
-        if self._abort_reason is not None:
-            raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
+    def _await(self, op: str, remaining_s: float, wait: Callable[[], None]) -> None:
+        """Wait on the waiter thread for ``wait``, for at most ``remaining_s``; an
+        :meth:`abort` ends the wait at once."""
+        wake = threading.Event()  # set by the waiter when done, or by abort()
+        with self._wakers_lock:
+            if self._abort_reason is not None:
+                raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
+            self._wakers.add(wake)
         try:
-            wait()
-        except Exception as exc:  # noqa: BLE001 - typed: aborted, timed out or broken
-            self._raise_failed(op, exc)
+            outcome = self._waiter.submit(wait, wake)
+            # gloo's own timeout ends ``wait`` first; the margin only guards against a
+            # wait that ignores it.
+            wake.wait(remaining_s + 1.0)
+        finally:
+            with self._wakers_lock:
+                self._wakers.discard(wake)
+        if not outcome.finished:
+            if self._abort_reason is not None:
+                raise CollectiveAbortedError(self.group_name, self.rank, op, self._abort_reason)
+            raise CollectiveTimeoutError(self.group_name, self.rank, op, self.timeout_s,
+                                         "the wait outlived its own timeout")
+        if outcome.error is not None:
+            self._raise_failed(op, outcome.error)
 
     # ----------------------------------------------------------- collectives
 
@@ -202,9 +185,4 @@ class FlashGlooGroup(IndependentGroup):
             for work in works:
                 work.wait(td(deadline - time.monotonic()))
 
-        self._await(op, wait)
-
-
-def _release(pg) -> None:
-    """Drop the last reference to a process group (on a thread of its own)."""
-    del pg
+        self._await(op, remaining, wait)

@@ -4,8 +4,8 @@ nonce-checked rendezvous of :mod:`flashtrain.collective.rendezvous`, with a dead
 every operation and an out-of-band :meth:`IndependentGroup.abort`.
 
 The transports differ only in how a started operation is waited for and how an abort
-reaches it: :class:`~flashtrain.collective.gloo_backend.FlashGlooGroup` waits on the
-caller's thread and an abort closes the group's connections, which ends the wait;
+reaches it: gloo cannot interrupt a blocked wait, so
+:class:`~flashtrain.collective.gloo_backend.FlashGlooGroup` waits on a waiter thread;
 NCCL work is polled and the communicator itself is aborted
 (:class:`~flashtrain.collective.nccl_backend.FlashNcclGroup`). Each subclass builds its
 process group (:meth:`IndependentGroup._new_process_group`) and waits for a started
