@@ -127,8 +127,11 @@ def main(argv: list[str]) -> int:
     prints the last epoch's metrics as one JSON line."""
     parser = argparse.ArgumentParser(prog="python -m flashtrain.bench.plain_peer")
     parser.add_argument("spec", help="JSON: model, samples, image_size, seed, batch, "
-                        "torch_threads, loader_workers, epochs")
+                        "torch_threads, loader_workers, epochs; optional niceness")
     spec = json.loads(parser.parse_args(argv).spec)
+    # Ray runs its workers niced (15 by default): the bench gives this process the same
+    # niceness, so a loaded machine's other processes weigh on both sides alike.
+    os.nice(spec.get("niceness", 0))
     torch.set_num_threads(spec["torch_threads"])
     loader = DataLoader(_dataset(spec), batch_size=spec["batch"], shuffle=True,
                         num_workers=spec["loader_workers"], drop_last=True)

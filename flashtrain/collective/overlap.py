@@ -200,12 +200,16 @@ class OverlappedSynchronizer(GradientSynchronizer):
 
     def _serve(self) -> None:
         while self._jobs.get() is not None:
-            self._reduce_step()
-            with self._changed:
-                self._running = False
-                self._changed.notify_all()
+            if not self._reduce_step():  # failed, cancelled or no buckets: ends here
+                with self._changed:
+                    self._running = False
+                    self._changed.notify_all()
 
-    def _reduce_step(self) -> None:
+    def _reduce_step(self) -> bool:
+        """Reduce a step's buckets in order; whether the last one was reduced, which
+        also ended the step (in the same hand-off that wakes :meth:`sync`, so the next
+        :meth:`begin` never waits for this thread to be scheduled again)."""
+        last = len(self.buckets) - 1
         with contextlib.ExitStack() as stack:
             if self._cuda:
                 stack.enter_context(torch.cuda.stream(self._stream))
@@ -213,7 +217,7 @@ class OverlappedSynchronizer(GradientSynchronizer):
                 with self._changed:
                     self._changed.wait_for(lambda index=index: self._ready[index] or self._cancelled)
                     if self._cancelled:
-                        return
+                        return False
                     ready_event = self._ready_events[index]
                 began = time.perf_counter()
                 try:
@@ -224,14 +228,16 @@ class OverlappedSynchronizer(GradientSynchronizer):
                     with self._changed:
                         self._error = exc
                         self._changed.notify_all()
-                    return
-                if self._cuda and index == len(self.buckets) - 1:
+                    return False
+                if self._cuda and index == last:
                     self._done_event = torch.cuda.Event()
                     self._done_event.record(self._stream)
                 with self._changed:
                     self.comm_seconds += time.perf_counter() - began
                     self._reduced += 1
+                    self._running = index < last
                     self._changed.notify_all()
+        return last >= 0
 
 
 class SyncClock:
