@@ -76,7 +76,7 @@ class StubWorker:
         return 0
 
     def validate(self) -> dict:
-        return {"top1": 0, "top5": 0, "count": 1, "loss_sum": 0.0, "skipped": 0}
+        return {"metrics": {"top1": 0, "top5": 0}, "count": 1, "loss_sum": 0.0, "skipped": 0}
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def abort_collectives(self, generation: int, reason: str) -> bool:
