@@ -44,6 +44,7 @@ from flashtrain.driver.progress import Progress
 from flashtrain.driver.trainer import Trainer
 from flashtrain.elastic.ray_group import RayWorkerGroup
 from flashtrain.elastic.worker_group import Member
+from flashtrain.tasks.images import ImageClassification
 from flashtrain.topology import Grid
 from flashtrain.train.clock import StepPlan, StepResult, TrainingClock
 from flashtrain.train.relay import RELAY_GROUP, WindowAnswer, WindowRelay, tree_depth
@@ -164,8 +165,9 @@ def measure(stubs: list, size: int, mode: str, args: argparse.Namespace,
         "schedule.warmup_epochs=0",
         f"schedule.phases=[{{start_epoch: 0, global_batch: {global_batch}}}]"])
     run_dir = Path(tempfile.mkdtemp(dir=workdir, prefix=f"n{size}-"))
-    group = RayWorkerGroup(config, str(workdir))
-    trainer = Trainer(config, run_dir, workdir, say=lambda *_: None, group=group)
+    task = ImageClassification.from_config(config, str(workdir))  # for spares: none here
+    group = RayWorkerGroup(config, task)
+    trainer = Trainer(config, run_dir, task, say=lambda *_: None, group=group)
     trainer.adopt_grid(grid, [Member(s, "stub", None, 0) for s in stubs[:size]],
                        TrainingClock(num_samples=global_batch * args.steps, seed=0,
                                      min_tail=0).state_dict())

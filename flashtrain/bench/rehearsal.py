@@ -174,9 +174,11 @@ class Rehearsal:
         import ray
 
         from flashtrain.elastic.membership import start_worker
+        from flashtrain.tasks.images import ImageClassification
 
-        members = [start_worker(self.config.grid, self.reservation, bundle, self.config,
-                                tempfile.gettempdir()) for bundle in bundles]
+        task = ImageClassification.from_config(self.config, tempfile.gettempdir())
+        members = [start_worker(self.config.grid, self.reservation, bundle, self.config, task)
+                   for bundle in bundles]
         nodes = ray.get([m.actor.node_id.remote() for m in members], timeout=self.timeout)
         for member, node in zip(members, nodes, strict=True):
             member.node = node

@@ -9,7 +9,6 @@ through this object.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -64,10 +63,9 @@ class RayWorkerGroup(WorkerGroup):
     failures = (RayActorError, RayTaskError, GetTimeoutError)
 
     def __init__(self, config, task):
-        """``task``: what every worker trains (a :class:`flashtrain.Task`; a path stands
-        for the config's image classifier with that digits cache)."""
+        """``task``: what every worker trains (a :class:`flashtrain.Task`)."""
         self._config = config
-        self._task = task if not isinstance(task, Path) else str(task)
+        self._task = task
         self.spares = SparePool(config, self._task)
 
     # -- time ------------------------------------------------------------------------
