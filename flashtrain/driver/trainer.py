@@ -17,7 +17,8 @@ from pathlib import Path
 
 from flashtrain.config import FlashtrainConfig
 from flashtrain.driver.progress import Progress
-from flashtrain.elastic.controller import ElasticAbort, ElasticController, GridLost, StepFailed
+from flashtrain.elastic.controller import ElasticController
+from flashtrain.elastic.errors import ElasticAbort, GridLost, StepFailed
 from flashtrain.elastic.worker_group import Clock, Member, WorkerGroup
 from flashtrain.schedule import global_batch_at
 from flashtrain.sharding import steps_in_epoch

@@ -21,7 +21,7 @@ import numpy as np
 
 from flashtrain.config import FlashtrainConfig, load_config
 from flashtrain.driver.trainer import Trainer
-from flashtrain.elastic.controller import ElasticAbort, ReplicasDiverged
+from flashtrain.elastic.errors import ElasticAbort, ReplicasDiverged
 from flashtrain.sim.costs import PAPER, SimCosts
 from flashtrain.sim.faults import FaultPlan, schedule_for
 from flashtrain.sim.group import DriverKilled, SimHung, SimWorkerGroup

@@ -25,7 +25,7 @@ from ray.cluster_utils import Cluster
 from flashtrain.bench.killer import alive_actor_pids, completed_steps
 from flashtrain.config import load_config
 from flashtrain.driver.trainer import Trainer
-from flashtrain.elastic.controller import ElasticAbort
+from flashtrain.elastic.errors import ElasticAbort
 from flashtrain.train.checkpoint import latest_checkpoint, load_checkpoint
 
 # Two worker nodes of two workers each: a 2x2 grid whose rows sit one per node.
