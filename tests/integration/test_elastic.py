@@ -41,9 +41,10 @@ BASE = [
 LONG = ["schedule.epochs=6", "schedule.phases=[{start_epoch: 0, global_batch: 32}]"]
 
 
-@pytest.fixture
-def cluster():
-    """A head with no worker CPUs and two worker nodes of two (logical) CPUs each."""
+@pytest.fixture(scope="module")
+def shared_cluster():
+    """A head with no worker CPUs and two worker nodes of two (logical) CPUs each, for
+    the whole module (a cluster's start is 10-14 s of this machine's two cores)."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     cluster.flashtrain_node_args = {"num_cpus": 2}
     for _ in range(2):
@@ -52,6 +53,23 @@ def cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def cluster(shared_cluster):
+    """The shared cluster as each test needs it: two worker nodes, all four CPUs free
+    (a test that removed a node added one back; a run's workers and placement groups
+    are gone once its trainer closed, which Ray settles within seconds)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+        if len(nodes) == 2 and ray.available_resources().get("CPU", 0) == 4:
+            break
+        time.sleep(0.5)  # a previous run's actors are still being torn down
+    else:
+        pytest.fail(f"the shared cluster did not settle: {len(nodes)} worker node(s), "
+                    f"{ray.available_resources().get('CPU', 0)} CPU free")
+    return shared_cluster
 
 
 def train(cluster, tmp_path: Path, extra: list[str]) -> tuple[dict, list[dict]]:
