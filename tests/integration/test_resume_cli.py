@@ -58,7 +58,8 @@ def interrupt_after(args: list[str], run_dir: Path, step: int, deadline_s: float
         if job.poll() is None:
             job.kill()
             job.wait(timeout=30)
-    assert "interrupted; resume with --resume --run-dir" in err, err[-2000:]
+    assert "interrupted; resume with --resume --run-dir" in err, \
+        f"exit status {job.returncode}, last step {last_step(run_dir)}: {err[-2000:]}"
     return job.returncode
 
 
@@ -81,7 +82,10 @@ def step_losses(run_dir: Path) -> tuple[dict[int, float], int]:
 def test_interrupt_refuse_resume_and_resume_a_finished_run(tmp_path):
     run_dir = tmp_path / "smoke"  # absolute: used exactly as given
     common = ["--data-cache", str(tmp_path / "cache")]
-    first = ["--config", "jobs/cpu-smoke.yaml", "--set", "schedule.epochs=1", "--set",
+    # Two epochs of 23 steps: the interruption lands far from the run's end (with one
+    # epoch a fresh-clone CI run's job had finished its last 10 steps before the signal
+    # arrived, and printed nothing).
+    first = ["--config", "jobs/cpu-smoke.yaml", "--set", "schedule.epochs=2", "--set",
              "schedule.phases=[{start_epoch: 0, global_batch: 64}]",
              "--set", "runtime.ray_address=local", "--run-dir", str(run_dir), *common]
     # cpu-smoke checkpoints every 10 steps: interrupted past 12, it resumes from step 10.
