@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from accounting import assert_exactly_once
 from torch.utils.data import TensorDataset
 
 import flashtrain
@@ -103,18 +104,6 @@ def test_a_users_task_through_fit_matches_single_process_sgd(local_ray, tmp_path
     assert all("train_acc" not in r for r in steps)  # a regression has no accuracy
     initial = build_seeded(task, config.runtime.seed).state_dict()
     assert any(not torch.allclose(initial[k], expected[k]) for k in expected)
-
-
-def assert_exactly_once(summary: dict, records: list[dict]) -> None:
-    size = summary["dataset_train_size"]
-    assert summary["samples_per_epoch"] == [size] * round(summary["epochs"])
-    steps = [r for r in records if r["kind"] == "step"]
-    done = sorted({r["step"] for r in steps})
-    assert done == list(range(summary["global_steps"]))
-    redone = len(steps) - len(done)
-    lost_in_windows = sum(r["failed_step"] - r["first_step"] for r in records
-                          if r.get("name") == "window_lost")
-    assert redone + lost_in_windows == sum(r["steps_rolled_back"] for r in summary["reforms"])
 
 
 def test_the_regression_task_re_forms_after_a_kill_and_trains_each_sample_once(local_ray,
