@@ -45,8 +45,11 @@ def last_step(run_dir: Path) -> int:
 
 def interrupt_after(args: list[str], run_dir: Path, step: int, deadline_s: float = 300) -> int:
     """Start the job, SIGINT it (a user's Ctrl-C) once it recorded ``step``; its exit code."""
+    # As at a terminal: SIGINT not ignored, even where pytest runs in the background of a
+    # non-interactive shell (which ignores SIGINT, and the job would inherit that)
     job = subprocess.Popen(JOB + args, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + deadline_s
     try:
         while last_step(run_dir) < step and job.poll() is None and time.monotonic() < deadline:
