@@ -32,7 +32,7 @@ $(CHROMIUM):
 # counts everything; without CUDA the gpu tier is reported as skipped. The 25 slowest
 # tests are listed before it, so a CI log shows where the suite's time goes.
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q -rs --durations=25 tests/unit tests/integration tests/gpu
+	$(PY) -m pytest -q -rs --durations=25 -n 2 --dist loadfile tests/unit tests/integration tests/gpu
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
