@@ -26,14 +26,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from flashtrain.config import DataConfig
 from flashtrain.schedule import split_batch
@@ -45,6 +43,13 @@ from flashtrain.train.decode import (
     SkipUndecodable,
     collate_skipping,
 )
+
+if TYPE_CHECKING:
+    from torchvision import datasets, transforms
+
+# torchvision is imported where an image source needs it, not here: importing it costs
+# about 2 s of CPU (it imports torch._dynamo), paid by every worker process at start,
+# and a task on tensors (synthetic images, tabular data) never uses it.
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +192,8 @@ def train_transform(source: str, image_size: int) -> transforms.Compose:
     crops (the digit fills the whole frame; a 35% crop can cut a 7 into a 1): only a mild
     random affine.
     """
+    from torchvision import transforms
+
     if source == "digits":
         augment = [transforms.Resize((image_size, image_size)),
                    transforms.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1))]
@@ -274,6 +281,8 @@ class PerSampleRandom(Dataset):
 def val_transform(source: str, image_size: int) -> transforms.Compose:
     """Evaluation transform: resize then center crop (ImageNet's 256 -> 224 ratio for
     photos; digits are only resized, their frame is the whole digit)."""
+    from torchvision import transforms
+
     resize = image_size if source == "digits" else int(round(image_size * 256 / 224))
     return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size),
                                transforms.ToTensor(),
@@ -294,6 +303,8 @@ class _ReadableImageFilter:
         self.unreadable: list[str] = []
 
     def __call__(self, path: str) -> bool:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
         if os.path.basename(path).startswith(".") or not has_file_allowed_extension(
                 path, IMG_EXTENSIONS):
             return False
@@ -310,6 +321,8 @@ class _ReadableImageFilter:
 
 def _image_folder(folder: Path, transform: transforms.Compose,
                   check: _ReadableImageFilter) -> datasets.ImageFolder:
+    from torchvision import datasets
+
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist: an image folder needs train/<class>/* "
                                 "and val/<class>/* (set data.root)")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -29,6 +28,8 @@ def build_model(name: str, num_classes: int, seed: int, zero_init_residual: bool
     torch.manual_seed(seed)
     if name == "tiny_cnn":
         return TinyCNN(num_classes)
+    import torchvision  # here, not at the top: its import costs every worker about 2 s
+
     extra = {"zero_init_residual": True} if zero_init_residual and _is_resnet(name) else {}
     try:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **extra)
