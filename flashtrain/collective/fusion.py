@@ -79,7 +79,8 @@ class GradientSynchronizer:
     reduced gradient like the others, so every replica steps the same way.
 
     On a one-worker grid whose wire is the gradients' own dtype the sum (and the mean)
-    is the gradient itself: :attr:`identity` is then true and :meth:`sync` does nothing.
+    is the gradient itself: :attr:`identity` is then true, there are no buckets and
+    :meth:`sync` does nothing.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], comm: GridComm,
@@ -92,10 +93,12 @@ class GradientSynchronizer:
         self.pipeline_chunks = pipeline_chunks
         params = list(params)
         align = comm.grid.cols if algorithm == "torus" else 1
-        self.buckets = plan_buckets(params[::-1], bucket_bytes, align)
         self.comm_seconds = 0.0  # wall time of the last step's bucket all-reduces
         self.identity = comm.grid.num_workers == 1 and all(
             comm_dtype in (None, p.dtype) for p in params)
+        # One worker: no buckets at all, the gradients stay autograd's own tensors (the
+        # caller may set them to None between steps, as a plain loop does).
+        self.buckets = [] if self.identity else plan_buckets(params[::-1], bucket_bytes, align)
         for bucket in self.buckets:  # from here on the gradients live in the buffers
             self._pack(bucket)
 

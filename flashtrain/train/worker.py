@@ -136,7 +136,9 @@ class Worker:
         started = time.perf_counter()
         images, labels = self._next_batch(plan)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        # The gradients live in the synchronizer's buckets and are zeroed in place; on
+        # one worker there are no buckets, and autograd allocates them as in a plain loop.
+        self.optimizer.zero_grad(set_to_none=self._sync.identity)
         loss, correct = None, None
         data_ready = time.perf_counter()
         # An injected death "in the all-reduce" happens before any bucket leaves: with

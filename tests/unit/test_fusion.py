@@ -72,16 +72,27 @@ def test_existing_and_missing_gradients_move_into_the_buffer_once():
     loss_of(model, 0).backward()
     before = [p.grad.clone() for p in params]
     params[0].grad = None  # a parameter that got no gradient contributes zeros
-    sync = GradientSynchronizer(params, comm_for(Grid(1, 1)), "torus", bucket_bytes=400)
+    sync = GradientSynchronizer(params, comm_for(Grid(2, 2)), "torus", bucket_bytes=400)
     assert torch.equal(params[0].grad, torch.zeros_like(params[0]))
     for param, old in zip(params[1:], before[1:], strict=True):
         assert torch.equal(param.grad, old)
-    params[1].grad = torch.full_like(params[1], 3.0)  # replaced: copied back in at sync
-    sync.sync("sum")
+    params[1].grad = torch.full_like(params[1], 3.0)  # replaced: copied back in at sync,
     bucket = next(b for b in sync.buckets if any(p is params[1] for p in b.params))
+    sync._pack(bucket)  # which packs each bucket before its all-reduce
     offset = bucket.offsets[[i for i, p in enumerate(bucket.params) if p is params[1]][0]]
     assert params[1].grad.data_ptr() == bucket.buffer[offset:].data_ptr()
     assert torch.equal(params[1].grad, torch.full_like(params[1], 3.0))
+
+
+def test_one_worker_keeps_autograds_own_gradients():
+    model = small_model()
+    params = list(model.parameters())
+    sync = GradientSynchronizer(params, comm_for(Grid(1, 1)), "torus", bucket_bytes=400)
+    assert sync.identity and sync.buckets == []
+    loss_of(model, 0).backward()
+    grads = [p.grad for p in params]
+    sync.sync("sum")  # nothing to sum over one worker: the same tensors, untouched
+    assert all(p.grad is g for p, g in zip(params, grads, strict=True))
 
 
 def test_buffers_are_padded_to_whole_torus_shards():
