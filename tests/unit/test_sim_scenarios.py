@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from flashtrain.sim.costs import CPU_2X2
 from flashtrain.sim.faults import Fault, FaultPlan
+from flashtrain.sim.group import SimWorkerGroup
 from flashtrain.sim.run import SimRecord, run_config, sim_config
 from flashtrain.topology import Grid
 
@@ -79,3 +80,50 @@ def test_a_warm_spare_replaces_the_lost_member_in_the_same_reform():
     assert first["failed_step"] == first["resume_step"] == 12  # it died right after a commit
     # the spare started with the grid: the run did not wait for it past a process start
     assert first["time"] < 60, first
+
+
+_SUBMIT, _CALL = SimWorkerGroup.submit, SimWorkerGroup.call
+
+
+def _driver_calls(monkeypatch, grid: Grid, overrides: list[str]) -> tuple[SimRecord, dict]:
+    """A fault-free run of ``grid`` with the training calls the driver itself made
+    counted at the seam: windows sent to each member, and windows sent to rank 0 alone to
+    relay down the tree."""
+    counts = {"submits": 0, "member_calls": 0, "relayed": 0}
+    submit, call = _SUBMIT, _CALL  # the group's own, not an earlier run's counters
+
+    def counting_submit(self, members, method, *args):
+        if method == "train_window":
+            counts["submits"] += 1
+            counts["member_calls"] += len(members)
+        return submit(self, members, method, *args)
+
+    def counting_call(self, member, method, *args, timeout):
+        counts["relayed"] += method == "relay_window"
+        return call(self, member, method, *args, timeout=timeout)
+
+    monkeypatch.setattr(SimWorkerGroup, "submit", counting_submit)
+    monkeypatch.setattr(SimWorkerGroup, "call", counting_call)
+    config, num_samples = sim_config(grid, ("elastic.commit_every_steps=5", *overrides),
+                                     epochs=1, steps_per_epoch=20)
+    record = run_config(config, num_samples, grid, CPU_2X2, FaultPlan([]))
+    assert record.outcome == "finished" and record.ok, (record.outcome, record.violations)
+    return record, counts
+
+
+def test_windows_and_relays_cut_the_drivers_calls(monkeypatch):
+    """The protocol of `bench control` at a grid larger than the fan-out: per step, one
+    call per member per step; windowed, one per member per window (the steps up to the
+    next commit, the commit folded in); relayed, one call a window, to rank 0."""
+    grid = Grid(7, 1)
+    per_step, a = _driver_calls(monkeypatch, grid, ["runtime.step_windows=false"])
+    windowed, b = _driver_calls(monkeypatch, grid, [])
+    relayed, c = _driver_calls(monkeypatch, grid, ["runtime.relay_fanout=2"])
+    steps = per_step.steps
+    assert windowed.steps == relayed.steps == steps > 20
+    assert a == {"submits": steps, "member_calls": 7 * steps, "relayed": 0}
+    windows = b["submits"]
+    # Windows end at commits (every 5 steps), checkpoints (every 10) and the epoch's end.
+    assert steps / 5 <= windows <= steps / 5 + 2
+    assert b == {"submits": windows, "member_calls": 7 * windows, "relayed": 0}
+    assert c == {"submits": 0, "member_calls": 0, "relayed": windows}
