@@ -34,7 +34,7 @@ $(CHROMIUM):
 # pytest-xdist workers, a file's tests on one of them (tests/conftest.py gives each
 # worker a Ray temp folder of its own): about a quarter less time on two cores.
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -q -rs --durations=25 -n 2 --dist loadfile tests/unit tests/integration tests/gpu
+	$(PY) -m pytest -q -rs --durations=25 -n 2 --dist loadfile --no-loadscope-reorder tests/unit tests/integration tests/gpu
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -115,16 +115,6 @@ def test_resume_with_bad_data_changes_nothing_in_the_run(tmp_path, ray_tmpdir):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
 
-def test_gpu_workers_on_a_cluster_without_gpus_stop_within_a_minute(tmp_path, ray_tmpdir):
-    run_dir = tmp_path / "run"
-    result, seconds = run_job(["--set", "grid.use_gpu=true", "--run-dir", str(run_dir)], ray_tmpdir)
-    assert_stopped(result, run_dir, "the grid needs 4 worker(s) of 0.5 CPU, 1 GPU each "
-                   "(2 CPU and 4 GPU in all), but the cluster's 1 node(s) have")
-    assert "0 GPU, room for 0 such worker(s): set grid.use_gpu=false" in result.stderr
-    assert "grid.placement_timeout_s" in result.stderr
-    assert seconds < BOUND_S
-
-
 def test_an_address_where_nothing_answers_stops_at_once(tmp_path, ray_tmpdir):
     run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
     result, seconds = run_job(["--set", f"runtime.ray_address={address}", "--run-dir", str(run_dir)],
@@ -156,15 +146,19 @@ def test_a_stale_recorded_cluster_stops_when_told_to(tmp_path, ray_tmpdir):
 
 
 def test_a_stale_recorded_cluster_is_replaced_by_a_local_ray(tmp_path, ray_tmpdir):
-    # The default (on_stale_cluster=local) starts a local Ray, which a GPU grid then finds
-    # too small: the notice, the local Ray and its clean stop in one run.
+    # The default (on_stale_cluster=local) starts a local Ray, which a grid of GPU workers
+    # then finds without GPUs: the notice, the local Ray, and a stop within a minute that
+    # says what the grid needs and what the cluster has, in one run.
     address, address_file = write_stale_address(ray_tmpdir)
     run_dir = tmp_path / "run"
     result, seconds = run_job(["--set", "grid.use_gpu=true", "--run-dir", str(run_dir)], ray_tmpdir)
     assert (f"flashtrain: Ray's temp folder names a cluster at {address} ({address_file}) but "
             "nothing answers there (connection refused): its head has stopped; starting a local "
             "Ray for this job instead") in result.stdout
-    assert_stopped(result, run_dir, "room for 0 such worker(s): set grid.use_gpu=false")
+    assert_stopped(result, run_dir, "the grid needs 4 worker(s) of 0.5 CPU, 1 GPU each "
+                   "(2 CPU and 4 GPU in all), but the cluster's 1 node(s) have")
+    assert "0 GPU, room for 0 such worker(s): set grid.use_gpu=false" in result.stderr
+    assert "grid.placement_timeout_s" in result.stderr
     assert any((ray_tmpdir / "ray").glob("session_*"))  # the local Ray did start, in our folder
     assert seconds < BOUND_S
 

@@ -110,28 +110,36 @@ class Replica:
         return abort_grid(self.comm, "a member died (test)")
 
 
-def train_both_ways(grid: Grid, generation: int, algorithm: str, bucket_bytes: int,
+def train_both_ways(replicas: list, algorithm: str, bucket_bytes: int,
                     empty_share_at: int | None,
                     drain_before_sync: bool = False) -> tuple[list, list]:
-    replicas = [Replica.remote(grid, rank, generation) for rank in range(grid.num_workers)]
-    try:
-        runs = {}
-        for overlap in (False, True):
-            runs[overlap] = ray.get([r.train.remote(overlap, algorithm, bucket_bytes,
-                                                    empty_share_at, drain_before_sync)
-                                     for r in replicas], timeout=600)
-    finally:
-        for replica in replicas:
-            ray.kill(replica)
+    runs = {}
+    for overlap in (False, True):
+        runs[overlap] = ray.get([r.train.remote(overlap, algorithm, bucket_bytes,
+                                                empty_share_at, drain_before_sync)
+                                 for r in replicas], timeout=600)
     return runs[False], runs[True]
 
 
+def start_replicas(grid: Grid, generation: int) -> list:
+    return [Replica.remote(grid, rank, generation) for rank in range(grid.num_workers)]
+
+
+@pytest.fixture(scope="module")
+def pair(ray_session):
+    """Two replicas joined as a 1x2 grid, for every test that trains on one (each
+    ``train`` call builds its own model and synchronizer over the same groups)."""
+    replicas = start_replicas(Grid(1, 2), generation=1)
+    yield replicas
+    for replica in replicas:
+        ray.kill(replica)
+
+
 @pytest.mark.parametrize("algorithm", ["torus", "flat"])
-def test_overlapped_update_is_bit_identical(ray_session, algorithm):
+def test_overlapped_update_is_bit_identical(pair, algorithm):
     """Same seeds, same buckets, three steps (one with an empty share on rank 1): the
     parameters after the overlapped run equal the plain run's exactly, on every rank."""
-    plain, overlapped = train_both_ways(Grid(1, 2), generation=1 if algorithm == "torus" else 2,
-                                        algorithm=algorithm, bucket_bytes=2**20,
+    plain, overlapped = train_both_ways(pair, algorithm=algorithm, bucket_bytes=2**20,
                                         empty_share_at=1)
     assert overlapped[0]["num_buckets"] > 5  # several buckets, so the order matters
     for rank in range(2):
@@ -145,20 +153,24 @@ def test_overlapped_update_is_bit_identical(ray_session, algorithm):
 
 
 def test_overlapped_update_is_bit_identical_on_a_torus_2x2(ray_session):
-    plain, overlapped = train_both_ways(Grid(2, 2), generation=3, algorithm="torus",
-                                        bucket_bytes=4 * 2**20, empty_share_at=None)
+    replicas = start_replicas(Grid(2, 2), generation=3)
+    try:
+        plain, overlapped = train_both_ways(replicas, algorithm="torus",
+                                            bucket_bytes=4 * 2**20, empty_share_at=None)
+    finally:
+        for replica in replicas:
+            ray.kill(replica)
     for rank in range(4):
         for got, want in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
             assert torch.equal(got, want)
 
 
-def test_sync_after_every_bucket_is_done_reduces_nothing_twice(ray_session):
+def test_sync_after_every_bucket_is_done_reduces_nothing_twice(pair):
     """The communication thread finished every bucket before ``sync`` was called (all
     made ready by hooks): ``sync`` must only collect them (a second round would sum the
     sums on this rank and pair the peers' next collectives with the wrong ones)."""
-    plain, overlapped = train_both_ways(Grid(1, 2), generation=5, algorithm="torus",
-                                        bucket_bytes=2**20, empty_share_at=None,
-                                        drain_before_sync=True)
+    plain, overlapped = train_both_ways(pair, algorithm="torus", bucket_bytes=2**20,
+                                        empty_share_at=None, drain_before_sync=True)
     for rank in range(2):
         for got, want in zip(overlapped[rank]["params"], plain[rank]["params"], strict=True):
             assert torch.equal(got, want)

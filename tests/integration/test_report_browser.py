@@ -163,7 +163,8 @@ def test_tensorboard_events_hold_the_runs_metrics(finished_run: Path) -> None:
 
 def test_a_failed_run_writes_its_report_and_keeps_its_exit_code(tmp_path: Path) -> None:
     run_dir = tmp_path / "failed"
-    result = run_job(run_dir, "faults.kill_worker_at_steps=[3]", "elastic.enabled=false")
+    result = run_job(run_dir, "grid.shape=1x2", "faults.kill_worker_at_steps=[3]",
+                     "elastic.enabled=false")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "run failed" in result.stderr and (run_dir / "error.log").is_file()
     page = (run_dir / "report.html").read_text()
