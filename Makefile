@@ -32,7 +32,9 @@ $(CHROMIUM):
 # counts everything; without CUDA the gpu tier is reported as skipped. The 25 slowest
 # tests are listed before it, so a CI log shows where the suite's time goes. Two
 # pytest-xdist workers, a file's tests on one of them (tests/conftest.py gives each
-# worker a Ray temp folder of its own): about a quarter less time on two cores.
+# worker a Ray temp folder of its own): about a quarter less time on two cores. Files
+# go out in the order tests/conftest.py sorts them, the longest first, so that the two
+# workers end together (--no-loadscope-reorder keeps xdist from sorting by test count).
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -rs --durations=25 -n 2 --dist loadfile --no-loadscope-reorder tests/unit tests/integration tests/gpu
 
