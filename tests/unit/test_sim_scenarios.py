@@ -82,7 +82,7 @@ def test_a_warm_spare_replaces_the_lost_member_in_the_same_reform():
     assert first["time"] < 60, first
 
 
-_SUBMIT, _CALL = SimWorkerGroup.submit, SimWorkerGroup.call
+_SUBMIT, _CALL = SimWorkerGroup.submit, SimWorkerGroup.call  # the group's own, not a wrapper
 
 
 def _driver_calls(monkeypatch, grid: Grid, overrides: list[str]) -> tuple[SimRecord, dict]:
@@ -90,17 +90,16 @@ def _driver_calls(monkeypatch, grid: Grid, overrides: list[str]) -> tuple[SimRec
     counted at the seam: windows sent to each member, and windows sent to rank 0 alone to
     relay down the tree."""
     counts = {"submits": 0, "member_calls": 0, "relayed": 0}
-    submit, call = _SUBMIT, _CALL  # the group's own, not an earlier run's counters
 
     def counting_submit(self, members, method, *args):
         if method == "train_window":
             counts["submits"] += 1
             counts["member_calls"] += len(members)
-        return submit(self, members, method, *args)
+        return _SUBMIT(self, members, method, *args)
 
     def counting_call(self, member, method, *args, timeout):
         counts["relayed"] += method == "relay_window"
-        return call(self, member, method, *args, timeout=timeout)
+        return _CALL(self, member, method, *args, timeout=timeout)
 
     monkeypatch.setattr(SimWorkerGroup, "submit", counting_submit)
     monkeypatch.setattr(SimWorkerGroup, "call", counting_call)
