@@ -226,10 +226,18 @@ def check(record: SimRecord, trainer: SimTrainer, group: SimWorkerGroup,
                if m.actor.alive]
     record.steps = clock["global_step"] if clock else 0
     ended = record.outcome == "finished" or (record.outcome.startswith("aborted")
-                                             and _abort_allowed(record.outcome, group))
+                                             and _abort_allowed(record.outcome, group, config, grid))
     inv["run_ends"] = ended
     if not ended:
         bad.append(f"run_ends: {record.outcome}")
+    if record.outcome.startswith("aborted") and members:
+        # A run that gives up with a member alive leaves its last commit on disk, to
+        # resume from.
+        committed = trainer.controller.committed_step
+        inv["last_commit_saved"] = max(trainer.saved, default=None) == committed
+        if not inv["last_commit_saved"]:
+            bad.append(f"last_commit_saved: the newest checkpoint is step "
+                       f"{max(trainer.saved, default=None)}, the last commit step {committed}")
     inv["replicas_identical_at_commits"] = not group.violations
     bad += [f"replicas_identical_at_commits: {v}" for v in group.violations]
     if record.outcome != "finished" or not members:
@@ -280,15 +288,24 @@ def check(record: SimRecord, trainer: SimTrainer, group: SimWorkerGroup,
                    "capacity back")
 
 
-def _abort_allowed(outcome: str, group: SimWorkerGroup) -> bool:
+def _abort_allowed(outcome: str, group: SimWorkerGroup, config: FlashtrainConfig,
+                   grid: Grid) -> bool:
     """An abort is a correct end only for too few workers after a node left (its
     capacity never returned, or not within ``elastic.wait_for_resources_s`` and a
-    process start: the controller waited as configured and said why), or for a death
-    in each of the trainer's attempts at re-forming."""
-    nodes_left = any(f.kind in ("node", "lost_node") for _, f in group.plan.fired)
+    process start: the controller waited as configured and said why), for any loss
+    where the configuration allows none (``elastic.enabled`` false, or
+    ``elastic.min_workers`` the whole grid), or for a death in each of the trainer's
+    attempts at re-forming."""
+    fired = [f for _, f in group.plan.fired]
+    nodes_left = any(f.kind in ("node", "lost_node") for f in fired)
     if group.plan.capacity_lost_for_good and "the cluster cannot hold" in outcome:
         return True  # a driver resumed after a node left for good: the grid cannot start
     if nodes_left and "min_workers" in outcome and "waited" in outcome:
+        return True
+    if fired and not config.elastic.enabled and "elastic.enabled is false" in outcome:
+        return True
+    whole_grid = f"elastic.min_workers={grid.num_workers}"
+    if fired and config.elastic.min_workers == grid.num_workers and whole_grid in outcome:
         return True
     # The trainer gives a re-form 3 attempts: a death in each of them ends the run.
     in_recovery = sum(f.kind in ("forming", "second") for _, f in group.plan.fired)

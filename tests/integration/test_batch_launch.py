@@ -1,7 +1,8 @@
 """The batch-scheduler launcher end to end on this machine (``--dry-run``): two Ray nodes
-started by the node agents, the training job on them, Ray stopped on both; a host that
-never joins: a bounded wait, a message naming it, a non-zero exit, Ray stopped; and the
-scheduler's SIGTERM in the middle of training: the job stopped, Ray stopped, status 143.
+started by the node agents, the training job on both, then the scheduler's SIGTERM in the
+middle of training: the job stopped, Ray stopped on both, status 143; a host that never
+joins: a bounded wait, a message naming it, a non-zero exit, Ray stopped. (How the job's
+own exit status passes through a launch is in tests/unit/test_launch.py.)
 
 Every Ray process of a launch inherits ``RAY_AUTH_TOKEN_PATH=<shared dir>/auth_token``
 from its node agent, which tells this launch's processes apart from other Ray instances on
@@ -70,34 +71,6 @@ def run_launcher(args: list[str], timeout_s: float) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout_s)
 
 
-def test_dry_run_trains_on_two_launched_nodes_and_stops_them(share_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_launcher(
-        ["--dry-run", "--share-dir", str(share_dir), "--cpus-per-node", "2",
-         "--join-timeout", "240", "--stop-timeout", "30", "--",
-         "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(run_dir),
-         "--data-cache", str(tmp_path / "cache"),
-         # four workers of one CPU each: the grid needs both nodes' CPUs
-         "--set", "grid.cpus_per_worker=1", "--set", "runtime.max_steps=6",
-         "--set", "collective.timeout_s=120"],
-        timeout_s=540)
-    output = result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.returncode == 0, output
-    assert "all 2 node(s) joined the cluster" in result.stderr, output
-    assert "Ray stopped on every host" in result.stderr, output
-    summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("final_top1", "final_top5", "epochs", "global_steps", "images_per_sec",
-                "wall_seconds", "dataset_train_size", "samples_per_epoch", "skipped_files",
-                "reforms"):
-        assert key in summary, key
-    assert summary["global_steps"] == 6
-    grids = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"name": "grid"' in line]
-    assert len(set(grids[0]["nodes"])) == 2, "the grid did not use both launched nodes"
-    assert not launch_processes(share_dir), "Ray processes of the launch are still running"
-    assert oct((share_dir / "auth_token").stat().st_mode & 0o777) == "0o600"
-
-
 def test_a_host_that_never_joins_stops_the_launch(share_dir, tmp_path):
     result = run_launcher(
         ["--dry-run", "--hosts", f"node-0,{NEVER_JOINS}", "--remote-exec", HANGING_HOST_EXEC,
@@ -127,27 +100,39 @@ def wait_for_training(run_dir: Path, launcher: subprocess.Popen, deadline_s: flo
     raise AssertionError(f"no training step recorded in {metrics} within {deadline_s:g}s")
 
 
-def test_sigterm_during_training_stops_the_job_and_every_node(share_dir, tmp_path):
+def test_training_on_two_launched_nodes_stops_everything_on_sigterm(share_dir, tmp_path):
+    # The launch a batch job makes, end to end: two nodes started by their agents, the job
+    # on both (four workers of one CPU each need both nodes' CPUs), then the scheduler's
+    # SIGTERM (what qdel, scancel or the time limit send) in the middle of training: the
+    # job stopped through its own exit path, Ray stopped on every host, status 143.
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "flashtrain.launch", "--dry-run", "--share-dir", str(share_dir),
-         "--join-timeout", "240", "--stop-timeout", "60", "--",
+         "--cpus-per-node", "2", "--join-timeout", "240", "--stop-timeout", "60", "--",
          "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(run_dir),
-         "--data-cache", str(tmp_path / "cache"), "--set", "schedule.epochs=50"],
+         "--data-cache", str(tmp_path / "cache"), "--set", "grid.cpus_per_worker=1",
+         "--set", "collective.timeout_s=120", "--set", "schedule.epochs=50"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_training(run_dir, launcher, deadline_s=400)
-        launcher.send_signal(signal.SIGTERM)  # what qdel / scancel / the time limit send
+        launcher.send_signal(signal.SIGTERM)
         out, err = launcher.communicate(timeout=240)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.communicate()
+    assert "all 2 node(s) joined the cluster" in err, err[-3000:]
+    grids = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"name": "grid"' in line]
+    assert len(set(grids[0]["nodes"])) == 2, "the grid did not use both launched nodes"
     assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM: stopping" in err and "Ray stopped on every host" in err, err[-3000:]
     assert "interrupted; resume with --resume" in err, err[-3000:]  # the job's own exit path
+    segments = json.loads((run_dir / "segments.json").read_text())
+    assert [s["ended"] for s in segments] == ["interrupted"], segments
     assert not launch_processes(share_dir), "Ray processes of the launch are still running"
+    assert oct((share_dir / "auth_token").stat().st_mode & 0o777) == "0o600"
 
 
 def test_a_node_command_that_fails_is_named_at_once(share_dir, tmp_path):

@@ -126,3 +126,30 @@ def test_windows_and_relays_cut_the_drivers_calls(monkeypatch):
     assert steps / 5 <= windows <= steps / 5 + 2
     assert b == {"submits": windows, "member_calls": 7 * windows, "relayed": 0}
     assert c == {"submits": 0, "member_calls": 0, "relayed": windows}
+
+
+def aborted(overrides: list[str], faults: list[Fault]) -> SimRecord:
+    grid = Grid(2, 2)
+    config, num_samples = sim_config(grid, BASE + tuple(overrides), 2)
+    record = run_config(config, num_samples, grid, CPU_2X2, FaultPlan(faults))
+    assert record.outcome.startswith("aborted"), record.outcome
+    assert record.ok, record.violations  # an abort the configuration asks for, said why
+    return record
+
+
+def test_below_min_workers_ends_with_a_checkpoint_of_the_last_commit():
+    # Every worker required (min_workers=4, no wait): the death in step 8 ends the run,
+    # and its last commit (step 6; the periodic checkpoints are every 10 steps) is written
+    # from a survivor, so nothing committed is lost to a resume.
+    record = aborted(["elastic.min_workers=4", "elastic.wait_for_resources_s=0"],
+                     [killed_at(8)])
+    assert "3 usable worker(s) < elastic.min_workers=4" in record.outcome
+    assert record.invariants["last_commit_saved"]
+    assert any("wrote the last commit (step 6)" in line for line in record.trace)
+
+
+def test_with_elasticity_off_a_death_ends_the_run_and_says_why():
+    record = aborted(["elastic.enabled=false"], [killed_at(5)])
+    assert "died in step 5 and elastic.enabled is false" in record.outcome
+    assert not record.recoveries  # no re-form was tried
+    assert record.invariants["last_commit_saved"]
