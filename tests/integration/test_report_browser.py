@@ -2,9 +2,11 @@
 ``chromium`` package, which ``make test`` installs when it is missing).
 
 One short run (tiny CNN, synthetic images, a 2x2 grid, one worker killed so the grid
-re-forms, TensorBoard on) is shared by the tests: its report must show every plot in the
-browser, and its TensorBoard events must hold the numbers of its metrics.jsonl. A second
-run fails on purpose: its report must be written too, and its exit code kept.
+re-forms, TensorBoard on, ``collective.algorithm=auto``) is shared by the tests: its
+report must show every plot in the browser, its TensorBoard events must hold the numbers
+of its metrics.jsonl, and the algorithm the cost model chose for each grid must be said,
+recorded and used. The report of a run that fails is checked with the replica check's
+failing run (tests/integration/test_replica_digest.py).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image, ImageChops
 
+from flashtrain.algorithm import choose_algorithm
+from flashtrain.topology import Grid
 from flashtrain.train.metrics import read_metrics
 
 RUN = ["model.name=tiny_cnn", "data.source=synthetic", "data.synthetic_samples=192",
@@ -29,7 +34,8 @@ RUN = ["model.name=tiny_cnn", "data.source=synthetic", "data.synthetic_samples=1
        "schedule.epochs=2", "schedule.warmup_epochs=0.25",
        "schedule.phases=[{start_epoch: 0, global_batch: 32}, {start_epoch: 1, global_batch: 64}]",
        "elastic.commit_every_steps=2", "checkpoint.every_steps=5", "runtime.progress=false",
-       "runtime.ray_address=local", "collective.timeout_s=20"]
+       "runtime.ray_address=local", "collective.timeout_s=20",
+       "collective.algorithm=auto"]  # the cost model's choice, said and recorded per grid
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars",
@@ -63,12 +69,17 @@ def run_job(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def finished_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("report") / "run"
     result = run_job(run_dir, "faults.kill_worker_at_steps=[4]", "runtime.tensorboard=true")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"report {run_dir / 'report.html'}" in result.stdout
-    return run_dir
+    return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def finished_run(finished_job) -> Path:
+    return finished_job[0]
 
 
 def chromium() -> str:
@@ -161,12 +172,15 @@ def test_tensorboard_events_hold_the_runs_metrics(finished_run: Path) -> None:
     assert_same_points(recovery, sorted((r["resume_step"], r["recovery_seconds"]) for r in reforms))
 
 
-def test_a_failed_run_writes_its_report_and_keeps_its_exit_code(tmp_path: Path) -> None:
-    run_dir = tmp_path / "failed"
-    result = run_job(run_dir, "grid.shape=1x2", "faults.kill_worker_at_steps=[3]",
-                     "elastic.enabled=false")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "run failed" in result.stderr and (run_dir / "error.log").is_file()
-    page = (run_dir / "report.html").read_text()
-    assert "failed (see the error" in page and "elastic.enabled is false" in page
-    assert len(IMG.findall(page)) == 5
+def test_auto_algorithm_is_said_recorded_and_used_for_each_grid(finished_job) -> None:
+    run_dir, result = finished_job
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    bucket_bytes = config["collective"]["bucket_mb"] * 2**20
+    events = [r for r in read_metrics(run_dir) if r["kind"] == "event" and r.get("name") == "algorithm"]
+    assert [e["grid"] for e in events][:2] == ["2x2", "3x1"]  # formed, then re-formed after the kill
+    for event in events:
+        grid = Grid.parse(event["grid"])
+        expected = choose_algorithm("auto", grid, ["one"] * grid.num_workers, False, bucket_bytes)
+        assert event["algorithm"] == expected.algorithm and event["reason"] == expected.reason
+        assert "1 node(s)" in event["reason"]
+        assert f"all-reduce for grid {grid}: {expected.algorithm}" in result.stdout
