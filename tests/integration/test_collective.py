@@ -14,7 +14,7 @@ from flashtrain.topology import Grid, col_group_name, row_group_name
 ray = pytest.importorskip("ray")
 
 TIMEOUT_S = 3.0
-POOL_SIZE = 9
+POOL_SIZE = 6  # the largest grid formed: 2x3
 SIZES = (1, 7, 1001)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ALGORITHMS = ("flat", "torus", "hierarchical")
@@ -182,7 +182,7 @@ def test_all_grids_sizes_dtypes_algorithms(pool):
     """Every algorithm on every shape, odd sizes, fp32/fp16/bf16, sum and mean, with
     the same actors destroyed and re-formed into each shape (and one shape twice under
     the same group names, which must not meet a stale rendezvous)."""
-    shapes = [Grid(1, 1), Grid(1, 4), Grid(4, 1), Grid(2, 2), Grid(2, 3), Grid(3, 3),
+    shapes = [Grid(1, 1), Grid(1, 4), Grid(4, 1), Grid(2, 2), Grid(2, 3), Grid(3, 2),
               Grid(2, 2)]
     for generation, grid in enumerate(shapes):
         generation = min(generation, 5)  # the last 2x2 reuses generation 5's names

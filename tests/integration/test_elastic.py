@@ -46,6 +46,8 @@ LONG = ["schedule.epochs=6", "schedule.phases=[{start_epoch: 0, global_batch: 32
 def shared_cluster():
     """A head with no worker CPUs and two worker nodes of two (logical) CPUs each, for
     the whole module (a cluster's start is 10-14 s of this machine's two cores)."""
+    if ray.is_initialized():  # another module's local Ray (conftest.py's ray_session)
+        ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     cluster.flashtrain_node_args = {"num_cpus": 2}
     for _ in range(2):

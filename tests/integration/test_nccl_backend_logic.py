@@ -142,8 +142,10 @@ def test_flat_view_finds_the_buffer_behind_adjacent_chunks():
     assert flat_view([buffer[:4], torch.zeros(4)]) is None  # not one storage
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def pair(ray_session):
+    """Two members for the whole module: each test forms a group of its own name (a
+    process start is 6-7 s of CPU here). The test that kills one of them comes last."""
     members = [Member.remote() for _ in range(2)]
     yield members
     for member in members:

@@ -88,8 +88,9 @@ def test_interrupt_refuse_resume_and_resume_a_finished_run(tmp_path):
     # Two epochs of 23 steps: the interruption lands far from the run's end (with one
     # epoch a fresh-clone CI run's job had finished its last 10 steps before the signal
     # arrived, and printed nothing).
+    # A 1x2 grid: what is resumed does not depend on the grid's shape.
     first = ["--config", "jobs/cpu-smoke.yaml", "--set", "schedule.epochs=2", "--set",
-             "schedule.phases=[{start_epoch: 0, global_batch: 64}]",
+             "schedule.phases=[{start_epoch: 0, global_batch: 64}]", "--set", "grid.shape=1x2",
              "--set", "runtime.ray_address=local", "--run-dir", str(run_dir), *common]
     # cpu-smoke checkpoints every 10 steps: interrupted past 12, it resumes from step 10.
     assert interrupt_after(first, run_dir, step=12) == 130
