@@ -33,10 +33,10 @@ def pytest_configure(config):
 # puts the one-test end-to-end files last). A file not named here keeps its place after
 # them; the order changes only how long the suite takes, never what it runs.
 LONGEST_FIRST = [
-    "test_elastic.py", "test_chaos.py", "test_batch_launch.py", "test_bench_tools.py",
-    "test_external_kills.py", "test_training.py", "test_overlap.py", "test_job_submit.py",
-    "test_bounded_waits.py", "test_report_browser.py", "test_bench_elastic.py",
-    "test_collective.py",
+    "test_chaos.py", "test_bench_elastic.py", "test_bench_tools.py", "test_external_kills.py",
+    "test_training.py", "test_overlap.py", "test_batch_launch.py", "test_elastic.py",
+    "test_resume_cli.py", "test_collective.py", "test_bounded_waits.py", "test_job_submit.py",
+    "test_report_browser.py",
 ]
 
 

@@ -193,7 +193,9 @@ def connect_ray(config: FlashtrainConfig, env_address: str | None = None,
         from ray.cluster_utils import Cluster
 
         # The head runs the driver and the schedule actor only; workers go to the nodes.
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        # No dashboard, as for a local Ray of one node (below).
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "include_dashboard": False})
         cluster.flashtrain_node_args = {"num_cpus": runtime.cpus_per_local_node}
         for _ in range(runtime.local_nodes):
             cluster.add_node(**cluster.flashtrain_node_args)

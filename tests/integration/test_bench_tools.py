@@ -21,19 +21,20 @@ def run_bench(name: str, *args: str, timeout: float = 300) -> subprocess.Complet
 
 
 def test_throughput_interleaves_flashtrain_and_the_plain_ddp_loop(tmp_path):
-    """torus and the plain Ray Train v2 + DDP loop at 2 workers, two rounds interleaved
-    (A B A B) in one invocation; the summary has median, min and max of each system over
-    the rounds, and the per-step split lands in each kept run directory."""
+    """torus and the plain Ray Train v2 + DDP loop at 2 workers, one round of each (the
+    summary over several interleaved rounds is checked on known records in
+    tests/unit/test_bench_throughput.py); the per-step split lands in the kept run
+    directory, and the cost model fits this machine's compute from the JSON."""
     out, runs = tmp_path / "throughput.json", tmp_path / "runs"
     result = run_bench("throughput", "--workers", "2", "--model", "tiny_cnn", "--algos",
                        "torus", "--steps", "3", "--warmup", "1", "--per-worker-batch", "8",
-                       "--image-size", "16", "--repeats", "2", "--json", str(out),
+                       "--image-size", "16", "--repeats", "1", "--json", str(out),
                        "--keep-runs", str(runs), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["meta"]["workers"] == [2] and data["meta"]["repeats"] == 2
+    assert data["meta"]["workers"] == [2] and data["meta"]["repeats"] == 1
     assert [(r["system"], r["repeat"]) for r in data["runs"]] == [
-        ("flashtrain_torus", 0), ("raytrain_ddp", 0), ("flashtrain_torus", 1), ("raytrain_ddp", 1)]
+        ("flashtrain_torus", 0), ("raytrain_ddp", 0)]
     for run in data["runs"]:
         assert run["workers"] == 2 and run["steps"] == 3 and run["global_batch"] == 16
         assert run["step_s"] > 0 and run["images_per_sec"] > 0
@@ -41,14 +42,14 @@ def test_throughput_interleaves_flashtrain_and_the_plain_ddp_loop(tmp_path):
     assert set(rows) == {"flashtrain_torus", "raytrain_ddp"}
     for name, row in rows.items():
         speeds = [r["images_per_sec"] for r in data["runs"] if r["system"] == name]
-        assert row["repeats"] == 2 and row["images_per_sec_min"] == min(speeds)
+        assert row["repeats"] == 1 and row["images_per_sec_min"] == min(speeds)
         assert row["images_per_sec_max"] == max(speeds)
     assert rows["raytrain_ddp"]["vs_peer"] == 1.0
     assert rows["flashtrain_torus"]["vs_peer"] == pytest.approx(
         rows["flashtrain_torus"]["images_per_sec"] / rows["raytrain_ddp"]["images_per_sec"])
     speed = {(r["system"], r["repeat"]): r["images_per_sec"] for r in data["runs"]}
     assert rows["flashtrain_torus"]["vs_peer_rounds"] == pytest.approx(
-        [speed[("flashtrain_torus", k)] / speed[("raytrain_ddp", k)] for k in (0, 1)])
+        [speed[("flashtrain_torus", 0)] / speed[("raytrain_ddp", 0)]])
     for run in data["runs"]:
         if run["system"] != "flashtrain_torus":
             continue

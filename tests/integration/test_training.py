@@ -7,6 +7,7 @@ tests run ``python -m flashtrain.jobs.imagenet`` as a user would.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -111,7 +112,7 @@ SMOKE = ["model.name=tiny_cnn", "grid.shape=2x2", "grid.cpus_per_worker=0.25",
          "schedule.epochs=2", "schedule.phases=[{start_epoch: 0, global_batch: 64}, "
          "{start_epoch: 1, global_batch: 128}]", "schedule.base_lr=0.8",
          "schedule.warmup_epochs=0.2", "runtime.progress=false", "checkpoint.every_steps=7",
-         "collective.bucket_mb=1"]
+         "checkpoint.keep=10", "collective.bucket_mb=1"]
 
 
 @pytest.fixture(scope="module")
@@ -155,26 +156,39 @@ def _step_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
-def test_stopped_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(whole_run, tmp_path):
-    # The digits with their random affine augmentation; stopped at step 13 (no checkpoint
-    # or commit boundary of the whole run), resumed to the end of the second epoch (its
-    # batch is 128).
+def test_a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one_bit_for_bit(
+        whole_run, tmp_path):
+    # The whole run as a crash after step 15 would have left it: its checkpoint of step
+    # 14 (no commit boundary, mid-epoch 0 of the digits with their random affine
+    # augmentation) and its metrics up to step 15. Resumed to the end of the second
+    # epoch (its batch is 128), it must redo steps 14 and 15 with the same losses and
+    # then train every step as the uninterrupted run did.
     whole, whole_dir, cache = whole_run
-    run_dir = tmp_path / "pieces"
-    stopped = run_trainer(load_config(None, SMOKE + ["runtime.max_steps=13"]), run_dir, cache)
-    assert stopped["global_steps"] == 13
-    clock = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))["clock"]
-    assert clock["global_step"] == 13 and clock["epoch"] == 0 and clock["cursor"] == 13 * 64
+    run_dir = tmp_path / "crashed"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = whole_dir / "checkpoints" / "ckpt-00000014.pt"
+    for written in (checkpoint, checkpoint.with_name(checkpoint.name + ".sha256")):
+        shutil.copy(written, run_dir / "checkpoints" / written.name)
+    clock = load_checkpoint(checkpoint)["clock"]
+    assert clock["global_step"] == 14 and clock["epoch"] == 0 and clock["cursor"] == 14 * 64
+    kept = []
+    for line in (whole_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "step" and record["step"] > 15:
+            break
+        kept.append(line)
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
     resumed = run_trainer(load_config(None, SMOKE), run_dir, cache, resume=True)
     size = resumed["dataset_train_size"]
     assert resumed["samples_per_epoch"] == [size, size]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # Steps 0..12 from the first run, 13.. from the resumed one: no step twice, none lost.
+    # Steps 0..15 from the crashed run, 14.. from the resumed one: 14 and 15 twice.
     steps = [r["step"] for r in records if r["kind"] == "step"]
-    assert Counter(steps) == Counter(range(whole["global_steps"]))
+    assert Counter(steps) == Counter(list(range(whole["global_steps"])) + [14, 15])
     assert _step_losses(run_dir) == _step_losses(whole_dir)  # every step's loss, bit for bit
     # Validation reads BatchNorm's running statistics, averaged across workers at every
-    # checkpoint (the stopped run wrote one more): equal up to rounding.
+    # checkpoint: equal up to rounding.
     assert resumed["final_top1"] == pytest.approx(whole["final_top1"], abs=0.01)
 
 

@@ -1,9 +1,11 @@
 """The elastic scenarios whose outcome is the control plane's decisions alone, run by the
 real driver loop and controller on simulated members (:mod:`flashtrain.sim`), with the
 configuration and fault steps of the real-Ray tests they replaced (repeated churn, a
-death inside a commit, planned resizes, a warm spare). What only real processes show (a
-SIGKILL from outside, gloo's abort, a node leaving, a stall past the collective timeout)
-stays in ``tests/integration/test_elastic.py``.
+death inside a commit, planned resizes, a warm spare, a node leaving and coming back, too
+few workers left, elasticity off). What only real processes show (a SIGKILL from outside,
+gloo's abort, a node removed from a real cluster, a stall past the collective timeout)
+stays in the integration tier: ``test_elastic.py``, ``test_chaos.py``,
+``test_external_kills.py`` and ``bench rehearsal``'s smoke in ``test_bench_tools.py``.
 
 Each run also passes every invariant of the simulator: every epoch trained every sample
 exactly once, no committed step lost, replicas identical at every commit, the clock and
@@ -68,6 +70,18 @@ def test_planned_resizes_follow_the_schedule_phases_without_losing_a_step():
     assert [(r["cause"], r["old_grid"], r["new_grid"]) for r in record.recoveries] == \
         [("phase", "2x2", "1x2"), ("grow", "1x2", "2x2")]
     assert all(r["failed_step"] == r["resume_step"] for r in record.recoveries)
+    assert record.final_grid == "2x2"
+
+
+def test_a_node_leaves_mid_epoch_and_the_grid_grows_back_when_it_returns():
+    # A whole node (a row of the 2x2: two members) dies in step 7 and its capacity
+    # returns 10 s later: 2x2 -> 1x2, back one commit at most, then 2x2 again.
+    record = simulate([], [Fault("node", 0, 0.0, 0.5, returns_after_s=10.0, at_step=7)],
+                      epochs=6)
+    lost, grown = record.recoveries
+    assert (lost["old_grid"], lost["new_grid"], lost["failed_step"]) == ("2x2", "1x2", 7)
+    assert lost["failed_step"] - lost["resume_step"] <= 3
+    assert (grown["cause"], grown["new_grid"]) == ("grow", "2x2")
     assert record.final_grid == "2x2"
 
 

@@ -46,14 +46,16 @@ def write_task(folder, name: str, source: str) -> None:
 def run_bad(tmp_path, monkeypatch, capsys, spec: str) -> str:
     """Run the task ``spec`` from ``tmp_path``: exit status 2, no run directory, no Ray;
     the message it printed."""
+    import ray
+
+    if ray.is_initialized():  # the local Ray an integration module of this process left up
+        ray.shutdown()
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "bad"
     status = run_main([spec, "--run-dir", str(run_dir), "--set", "grid.shape=1x1"])
     err = capsys.readouterr().err
     assert status == 2, err
     assert not run_dir.exists() and not (tmp_path / "runs").exists()
-    import ray
-
     assert not ray.is_initialized()
     assert err.startswith("flashtrain: ") and err.count("\n") == 1, err  # one message
     return err
