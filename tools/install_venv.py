@@ -1,13 +1,15 @@
 """Install flashtrain and its test tools into the virtual environment that runs this
 script: ``make install`` (and so ``make run`` and ``make test``) calls it.
 
-uv installs the same packages as pip, from the same places, in a fraction of the time:
-on the project's 2-core machine 25 s against pip's 198 s (pip spends about 70 s
-compiling every module of torch to bytecode up front, and unpacks the 3 GB of CUDA
-libraries one file at a time). uv does not read pip's configuration, so the package
-sources pip is configured with (``pip config list``: find-links, index-url,
-extra-index-url, constraint) are passed to it, and it takes the best version over all
-of them, as pip does. Where uv cannot be installed or fails, pip does the install.
+uv installs the same packages as pip, from the same places, in a fraction of the time
+(pip unpacks the 3 GB of CUDA libraries one file at a time and compiles the modules one
+after another). uv does not read pip's configuration, so the package sources pip is
+configured with (``pip config list``: find-links, index-url, extra-index-url,
+constraint) are passed to it, and it takes the best version over all of them, as pip
+does. Like pip, it compiles every module to bytecode at install: left to the first
+import, the compiling fell on the first workers a test suite or a run starts, all at
+once, and a worker took longer than a minute to start. Where uv cannot be installed or
+fails, pip does the install.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def main() -> int:
                             check=False).returncode == 0
     if got_uv:
         command = [sys.executable, "-m", "uv", "pip", "install", "--python", sys.executable,
-                   *quiet, "--index-strategy", "unsafe-best-match", *pip_sources(), *TARGET]
+                   *quiet, "--index-strategy", "unsafe-best-match", "--compile-bytecode",
+                   *pip_sources(), *TARGET]
         if subprocess.run(command, check=False).returncode == 0:
             return 0
         print("install: uv failed (above); installing with pip instead", file=sys.stderr)
