@@ -27,7 +27,7 @@ def step_records(run_dir: Path) -> list[dict]:
 def test_recipe_runs_batch_size_control_with_label_smoothing(tmp_path):
     # The variant with the most in it: the batch switches between epochs, and the labels
     # are smoothed. (Every variant's configuration, and the table over seeds, are checked
-    # in tests/unit/test_bench_recipe.py.)
+    # in tests/unit/test_recipe_variants.py.)
     out, runs = tmp_path / "recipe.json", tmp_path / "runs"
     result = run_recipe("--variants", "control+ls", "--seeds", "1", "--epochs", "2",
                         "--switch-epoch", "1", "--small-batch", "32", "--large-batch", "128",

@@ -23,7 +23,7 @@ def run_bench(name: str, *args: str, timeout: float = 300) -> subprocess.Complet
 def test_throughput_interleaves_flashtrain_and_the_plain_ddp_loop(tmp_path):
     """torus and the plain Ray Train v2 + DDP loop at 2 workers, one round of each (the
     summary over several interleaved rounds is checked on known records in
-    tests/unit/test_bench_throughput.py); the per-step split lands in the kept run
+    tests/unit/test_throughput_summary.py); the per-step split lands in the kept run
     directory, and the cost model fits this machine's compute from the JSON."""
     out, runs = tmp_path / "throughput.json", tmp_path / "runs"
     result = run_bench("throughput", "--workers", "2", "--model", "tiny_cnn", "--algos",
