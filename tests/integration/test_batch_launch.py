@@ -102,16 +102,17 @@ def wait_for_training(run_dir: Path, launcher: subprocess.Popen, deadline_s: flo
 
 def test_training_on_two_launched_nodes_stops_everything_on_sigterm(share_dir, tmp_path):
     # The launch a batch job makes, end to end: two nodes started by their agents, the job
-    # on both (four workers of one CPU each need both nodes' CPUs), then the scheduler's
+    # on both (a 1x2 grid of one-CPU workers on nodes of one CPU each), then the scheduler's
     # SIGTERM (what qdel, scancel or the time limit send) in the middle of training: the
     # job stopped through its own exit path, Ray stopped on every host, status 143.
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "flashtrain.launch", "--dry-run", "--share-dir", str(share_dir),
-         "--cpus-per-node", "2", "--join-timeout", "240", "--stop-timeout", "60", "--",
+         "--cpus-per-node", "1", "--join-timeout", "240", "--stop-timeout", "60", "--",
          "--config", "jobs/cpu-smoke.yaml", "--run-dir", str(run_dir),
-         "--data-cache", str(tmp_path / "cache"), "--set", "grid.cpus_per_worker=1",
+         "--data-cache", str(tmp_path / "cache"), "--set", "grid.shape=1x2",
+         "--set", "grid.cpus_per_worker=1",
          "--set", "collective.timeout_s=120", "--set", "schedule.epochs=50"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -22,7 +22,7 @@ from flashtrain.bench.chaos_faults import KINDS, fault_plan
 
 REPO = Path(__file__).resolve().parents[2]
 FAULTS = 6  # one of each kind (a plan holds every kind at least once)
-EPOCHS = 4  # room for every fault: seed 7's sixth fault comes at step 60 of 180
+EPOCHS = 3  # room for every fault: seed 7's sixth fault came at step 60 of 135
 JOIN_BOUND_S = 60.0
 
 
