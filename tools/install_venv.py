@@ -34,7 +34,7 @@ def pip_sources() -> list[str]:
         if flag is None:
             continue
         for item in shlex.split(value.strip().strip("'\"")):
-            if [flag, item] != args[-2:] and item not in args:
+            if item not in args:  # pip lists a setting once per place it is set
                 args += [flag, item]
     return args
 

@@ -1,7 +1,8 @@
 """Shared fixtures for the integration tier: one local Ray instance per pytest process
 (each xdist worker), started by the first module that asks for it and kept for the
-modules after it; modules that build their own clusters, like test_elastic, shut it down
-first and start from a clean slate."""
+modules after it. A test that must find no Ray in its process
+(tests/unit/test_task_checks.py) shuts it down first; the next module that asks starts
+it again."""
 
 from __future__ import annotations
 
