@@ -8,7 +8,7 @@ ARGS ?=
 .PHONY: install run test test-unit test-integration test-gpu gpu-check lint clean
 
 # tools/install_venv.py installs with uv from the package sources pip is configured with
-# (pip where uv cannot be had): about 90 s here, where pip took 2.5 to 3 minutes.
+# (pip where uv cannot be had): 63 to 94 s here, where pip took 2.5 to 3 minutes.
 $(STAMP): pyproject.toml tools/install_venv.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) tools/install_venv.py
