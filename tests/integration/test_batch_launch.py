@@ -1,8 +1,8 @@
 """The batch-scheduler launcher end to end on this machine (``--dry-run``): two Ray nodes
 started by the node agents, the training job on both, then the scheduler's SIGTERM in the
 middle of training: the job stopped, Ray stopped on both, status 143; a host that never
-joins: a bounded wait, a message naming it, a non-zero exit, Ray stopped. (How the job's
-own exit status passes through a launch is in tests/unit/test_launch.py.)
+joins: a bounded wait, a message naming it, a non-zero exit, Ray stopped. (A launch whose
+job runs to its end is not run here: ``launch`` stops the nodes in the same ``finally``.)
 
 Every Ray process of a launch inherits ``RAY_AUTH_TOKEN_PATH=<shared dir>/auth_token``
 from its node agent, which tells this launch's processes apart from other Ray instances on
