@@ -24,11 +24,16 @@ from flashtrain.topology import Grid
 BASE = ("collective.timeout_s=4", "elastic.commit_every_steps=3")
 
 
-def simulate(overrides: list[str], faults: list[Fault], *, epochs: int = 2,
-             nodes: int | None = None) -> SimRecord:
+def run_2x2(overrides: list[str], faults: list[Fault], *, epochs: int = 2,
+            nodes: int | None = None) -> SimRecord:
     grid = Grid(2, 2)
     config, num_samples = sim_config(grid, BASE + tuple(overrides), epochs)
-    record = run_config(config, num_samples, grid, CPU_2X2, FaultPlan(faults), nodes=nodes)
+    return run_config(config, num_samples, grid, CPU_2X2, FaultPlan(faults), nodes=nodes)
+
+
+def simulate(overrides: list[str], faults: list[Fault], *, epochs: int = 2,
+             nodes: int | None = None) -> SimRecord:
+    record = run_2x2(overrides, faults, epochs=epochs, nodes=nodes)
     assert record.outcome == "finished", record.outcome
     assert record.ok, record.violations
     assert record.invariants["exactly_once"] and record.invariants["no_committed_step_lost"]
@@ -143,9 +148,7 @@ def test_windows_and_relays_cut_the_drivers_calls(monkeypatch):
 
 
 def aborted(overrides: list[str], faults: list[Fault]) -> SimRecord:
-    grid = Grid(2, 2)
-    config, num_samples = sim_config(grid, BASE + tuple(overrides), 2)
-    record = run_config(config, num_samples, grid, CPU_2X2, FaultPlan(faults))
+    record = run_2x2(overrides, faults)
     assert record.outcome.startswith("aborted"), record.outcome
     assert record.ok, record.violations  # an abort the configuration asks for, said why
     return record
