@@ -62,12 +62,21 @@ class AbortableMember:
         return abort_grid(self.comm, reason) if self.comm is not None else 0
 
 
-@pytest.mark.parametrize("algorithm", ["torus", "flat"])
-def test_abort_ends_a_blocked_allreduce_at_once(ray_session, algorithm):
+@pytest.fixture(scope="module")
+def members(ray_session):
+    """Four members, for both algorithms: each case forms its own grids (generations)."""
+    members = [AbortableMember.remote() for _ in range(4)]
+    yield members
+    for member in members:
+        ray.kill(member)
+
+
+@pytest.mark.parametrize(("algorithm", "generation"), [("torus", 70), ("flat", 72)])
+def test_abort_ends_a_blocked_allreduce_at_once(members, algorithm, generation):
     grid = Grid(2, 2)
-    members = [AbortableMember.remote() for _ in range(grid.num_workers)]
     try:
-        ray.get([m.join.remote(grid, rank, 70) for rank, m in enumerate(members)], timeout=120)
+        ray.get([m.join.remote(grid, rank, generation) for rank, m in enumerate(members)],
+                timeout=120)
         # Rank 3 never calls: ranks 0-2 block inside the collective (torus: some in the
         # row phase, some in the column phase, waiting on peers that are themselves stuck).
         pending = [m.allreduce.remote(1.0, algorithm) for m in members[:3]]
@@ -81,15 +90,14 @@ def test_abort_ends_a_blocked_allreduce_at_once(ray_session, algorithm):
         assert waited < 5.0, f"abort took {waited:.1f}s"
         for report in reports:
             assert report["aborted"], report
-            assert "rank 3 died" in report["message"] and "@g70" in report["group"]
+            assert "rank 3 died" in report["message"] and f"@g{generation}" in report["group"]
             assert report["elapsed"] < LONG_TIMEOUT_S / 2
         # Leaving an aborted grid is safe, and the same actors sum right in a new one.
         ray.get([m.leave.remote() for m in members], timeout=30)
-        ray.get([m.join.remote(grid, rank, 71) for rank, m in enumerate(members)], timeout=120)
+        ray.get([m.join.remote(grid, rank, generation + 1) for rank, m in enumerate(members)],
+                timeout=120)
         results = ray.get([m.allreduce.remote(float(rank + 1), algorithm)
                            for rank, m in enumerate(members)], timeout=60)
         assert [r["sum"] for r in results] == [10.0] * 4
-        ray.get([m.leave.remote() for m in members], timeout=30)
     finally:
-        for member in members:
-            ray.kill(member)
+        ray.get([m.leave.remote() for m in members], timeout=30)

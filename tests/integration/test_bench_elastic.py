@@ -1,8 +1,16 @@
-"""``python -m flashtrain.bench elastic`` end to end, at the smallest useful size: two
-workers, five steps of 256 digits, one kill at step 3 in each system.
+"""``python -m flashtrain.bench elastic`` end to end at the smallest useful size, on its
+peer's side: Ray Train v2's elastic ``TorchTrainer`` with two workers, one epoch of the
+1,438 training digits in steps of 256, the last rank killed inside DDP's all-reduce of
+step 3, restarted from step 0.
+
+flashtrain's side of the benchmark is the same kill (``faults.kill_during=allreduce`` at a
+step) that ``test_elastic.py`` makes inside a relay tree's all-reduce, so this smoke runs
+only the peer (``--systems raytrain``): the one part of the benchmark no other test runs,
+and 80 of its 110 s of CPU. The table and the common measures over both systems' rows
+are checked on known timelines in ``tests/unit/test_elastic_table.py``.
 
 It runs as a user would, in a subprocess: the benchmark starts (and shuts down) its own
-local Ray for each system, so it must not share this process's Ray.
+local Ray, with the dashboard Ray Train needs, so it must not share this process's Ray.
 """
 
 from __future__ import annotations
@@ -18,29 +26,29 @@ REPO = Path(__file__).resolve().parents[2]
 KILL_AT_STEP = 3
 
 
-# Marked slow: about 110 s on 2 shared cores, close to the 2-minute budget. Ray Train
-# starts its worker group twice and paces reports to its 2 s poll of the workers.
+# Marked slow: about 70 s on 2 shared cores. Ray Train starts its worker group twice
+# (with its controller and helper actors) and paces reports to its 2 s poll of the workers.
 @pytest.mark.slow
-def test_both_systems_recover_and_the_json_says_how(tmp_path):
+def test_ray_train_recovers_and_the_json_says_how(tmp_path):
     out = tmp_path / "elastic.json"
-    command = [sys.executable, "-m", "flashtrain.bench", "elastic", "--workers", "2",
-               "--epochs", "1", "--global-batch", "256", "--kill-at-step", str(KILL_AT_STEP),
-               "--commit-every", "2", "--data-cache", str(tmp_path / "digits"),
-               "--json", str(out)]
+    command = [sys.executable, "-m", "flashtrain.bench", "elastic", "--systems", "raytrain",
+               "--workers", "2", "--epochs", "1", "--global-batch", "256",
+               "--kill-at-step", str(KILL_AT_STEP), "--commit-every", "2",
+               "--data-cache", str(tmp_path / "digits"), "--json", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "flashtrain / Ray Train recovery" in result.stdout
+    assert "raytrain" in result.stdout and "recovery s" in result.stdout
 
-    rows = {row["system"]: row for row in json.loads(out.read_text())["results"]}
-    assert sorted(rows) == ["flashtrain", "raytrain"]
-    for row in rows.values():
-        assert isinstance(row["recovery_seconds"], float) and row["recovery_seconds"] > 0
-        assert isinstance(row["steps_redone"], int)
-        assert row["steps_redone"] == KILL_AT_STEP - row["resume_step"] >= 0
-        assert row["last_step_before_kill"] == KILL_AT_STEP - 1
-        assert row["kill_time_source"] == "gcs_actor_end_time"
-    flashtrain = rows["flashtrain"]
-    # The common definition agrees with flashtrain's own record of the re-form.
-    assert flashtrain["steps_redone"] == flashtrain["own_record"]["steps_rolled_back"] == 1
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["system"] == "raytrain" and row["error"] is None
+    assert isinstance(row["recovery_seconds"], float) and row["recovery_seconds"] > 0
+    assert row["kill_time_source"] == "gcs_actor_end_time"
+    assert row["last_step_before_kill"] == KILL_AT_STEP - 1
     # No epoch ended before the kill, so Ray Train had no checkpoint: back to step 0.
-    assert rows["raytrain"]["resume_step"] == 0 and rows["raytrain"]["error"] is None
+    assert row["resume_step"] == 0 and row["steps_redone"] == KILL_AT_STEP
+    # Every step of the epoch was trained: five of 256 samples and the 158 left.
+    assert row["total_steps"] == 6
+    # The victim's clock before os._exit comes before Ray's record of its death.
+    assert row["recovery_seconds_conservative"] >= row["recovery_seconds"]
+    restart = row["own_record"]["restart"]
+    assert restart["step"] == 0 and restart["world"] == row["after_kill_workers"] >= 1
