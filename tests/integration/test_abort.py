@@ -74,30 +74,28 @@ def members(ray_session):
 @pytest.mark.parametrize(("algorithm", "generation"), [("torus", 70), ("flat", 72)])
 def test_abort_ends_a_blocked_allreduce_at_once(members, algorithm, generation):
     grid = Grid(2, 2)
-    try:
-        ray.get([m.join.remote(grid, rank, generation) for rank, m in enumerate(members)],
-                timeout=120)
-        # Rank 3 never calls: ranks 0-2 block inside the collective (torus: some in the
-        # row phase, some in the column phase, waiting on peers that are themselves stuck).
-        pending = [m.allreduce.remote(1.0, algorithm) for m in members[:3]]
-        ready, _ = ray.wait(pending, num_returns=3, timeout=1.0)
-        assert not ready, "the collective finished without rank 3"
-        aborted_at = time.monotonic()
-        counts = ray.get([m.abort.remote("rank 3 died") for m in members[:3]], timeout=10)
-        reports = ray.get(pending, timeout=10)
-        waited = time.monotonic() - aborted_at
-        assert counts == [3, 3, 3]  # row, column and world group of each
-        assert waited < 5.0, f"abort took {waited:.1f}s"
-        for report in reports:
-            assert report["aborted"], report
-            assert "rank 3 died" in report["message"] and f"@g{generation}" in report["group"]
-            assert report["elapsed"] < LONG_TIMEOUT_S / 2
-        # Leaving an aborted grid is safe, and the same actors sum right in a new one.
-        ray.get([m.leave.remote() for m in members], timeout=30)
-        ray.get([m.join.remote(grid, rank, generation + 1) for rank, m in enumerate(members)],
-                timeout=120)
-        results = ray.get([m.allreduce.remote(float(rank + 1), algorithm)
-                           for rank, m in enumerate(members)], timeout=60)
-        assert [r["sum"] for r in results] == [10.0] * 4
-    finally:
-        ray.get([m.leave.remote() for m in members], timeout=30)
+    ray.get([m.join.remote(grid, rank, generation) for rank, m in enumerate(members)],
+            timeout=120)
+    # Rank 3 never calls: ranks 0-2 block inside the collective (torus: some in the
+    # row phase, some in the column phase, waiting on peers that are themselves stuck).
+    pending = [m.allreduce.remote(1.0, algorithm) for m in members[:3]]
+    ready, _ = ray.wait(pending, num_returns=3, timeout=1.0)
+    assert not ready, "the collective finished without rank 3"
+    aborted_at = time.monotonic()
+    counts = ray.get([m.abort.remote("rank 3 died") for m in members[:3]], timeout=10)
+    reports = ray.get(pending, timeout=10)
+    waited = time.monotonic() - aborted_at
+    assert counts == [3, 3, 3]  # row, column and world group of each
+    assert waited < 5.0, f"abort took {waited:.1f}s"
+    for report in reports:
+        assert report["aborted"], report
+        assert "rank 3 died" in report["message"] and f"@g{generation}" in report["group"]
+        assert report["elapsed"] < LONG_TIMEOUT_S / 2
+    # Leaving an aborted grid is safe, and the same actors sum right in a new one.
+    ray.get([m.leave.remote() for m in members], timeout=30)
+    ray.get([m.join.remote(grid, rank, generation + 1) for rank, m in enumerate(members)],
+            timeout=120)
+    results = ray.get([m.allreduce.remote(float(rank + 1), algorithm)
+                       for rank, m in enumerate(members)], timeout=60)
+    assert [r["sum"] for r in results] == [10.0] * 4
+    ray.get([m.leave.remote() for m in members], timeout=30)
