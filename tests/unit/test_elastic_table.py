@@ -25,9 +25,9 @@ def test_the_squarest_grid():
     assert [grid_for(n) for n in (1, 2, 4, 6, 8, 9)] == ["1x1", "1x2", "2x2", "2x3", "2x4", "3x3"]
 
 
-def args(**extra) -> argparse.Namespace:
+def args() -> argparse.Namespace:
     return argparse.Namespace(workers=2, model="tiny_cnn", global_batch=256, epochs=1,
-                              kill_at_step=3, **extra)
+                              kill_at_step=3)
 
 
 def row(system: str, recovery: float | None, resume: int | None) -> dict:
