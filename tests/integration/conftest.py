@@ -38,6 +38,21 @@ def ray_session():
     yield ray
 
 
+@pytest.fixture(scope="module")
+def ray_address(ray_session) -> str:
+    """The shared Ray's GCS address, for a job run as a subprocess to join
+    (``--set runtime.ray_address=<it>``), as a job joins the cluster of ``ray start``.
+
+    A job that starts a Ray of its own pays for a GCS, a raylet, the dashboard head, the
+    dashboard and runtime-env agents, the log monitor and the autoscaler's monitor: about
+    12 s of CPU per job on this machine (measured over ``make test``: 20 Ray instances,
+    30 nodes, 300 s of CPU in those processes). Tests of starting a local Ray
+    (``test_bounded_waits.py``, the benchmarks) still start their own. The jobs of one
+    pytest process run one after another, and Ray removes a job's actors and placement
+    groups when its driver exits, however it exits."""
+    return ray_session.get_runtime_context().gcs_address
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_ray_at_the_end():
     """Whatever Ray this process still has when the session ends: stopped, all workers gone."""

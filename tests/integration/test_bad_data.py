@@ -71,15 +71,15 @@ def write_quirky_imagenet(root: Path) -> int:
     return 10 * TRAIN_PER_CLASS + len(TORN) + len(ODD_BUT_GOOD)
 
 
-def test_undecodable_images_are_skipped_counted_and_named(tmp_path):
+def test_undecodable_images_are_skipped_counted_and_named(tmp_path, ray_address):
     data = tmp_path / "imagenet"
     train_size = write_quirky_imagenet(data)
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "flashtrain.jobs.imagenet", "--config", "jobs/cpu-smoke.yaml",
                "--set", "data.source=imagefolder", "--set", f"data.root={data}",
                "--set", "grid.shape=1x2", "--set", "schedule.epochs=2",
-               # A Ray of its own: never join a cluster another test on this machine started.
-               "--set", "runtime.ray_address=local", "--run-dir", str(run_dir)]
+               # This pytest process's Ray, never a cluster another test started.
+               "--set", f"runtime.ray_address={ray_address}", "--run-dir", str(run_dir)]
     env = {**os.environ, "RAY_ADDRESS": ""}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
                             env=env)

@@ -69,7 +69,7 @@ class Buggy(flashtrain.ClassificationTask):
 """
 
 
-def test_worker_code_error_stops_the_run_without_reforming(tmp_path):
+def test_worker_code_error_stops_the_run_without_reforming(tmp_path, ray_address):
     # Every worker raises in its first training forward pass (a model that cannot take
     # its input at all is refused before start: tests/unit/test_task_checks.py).
     # Relayed (2x2, fan-out 2): the root relay gets its children's errors from Ray, and
@@ -82,7 +82,7 @@ def test_worker_code_error_stops_the_run_without_reforming(tmp_path):
     command = [sys.executable, "-m", "flashtrain.run", "buggy:Buggy",
                "--config", str(REPO / "jobs/cpu-smoke.yaml"), "--set", f"grid.shape={grid}",
                "--set", f"runtime.relay_fanout={fanout}",
-               "--set", "runtime.ray_address=local", "--run-dir", str(run_dir)]
+               "--set", f"runtime.ray_address={ray_address}", "--run-dir", str(run_dir)]
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,

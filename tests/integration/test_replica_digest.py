@@ -20,13 +20,13 @@ from flashtrain.train.models import build_model
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_a_diverged_replica_stops_the_run_naming_rank_and_tensor(tmp_path):
+def test_a_diverged_replica_stops_the_run_naming_rank_and_tensor(tmp_path, ray_address):
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FLASHTRAIN_RUNS_ROOT")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     # cpu-smoke commits every 3 steps: the perturbation armed at step 4 lands in the
     # commit tagged 6 (the clock position after step 5), on the last rank (1 of 1x2).
-    args = ["--config", "jobs/cpu-smoke.yaml", "--set", "runtime.ray_address=local",
+    args = ["--config", "jobs/cpu-smoke.yaml", "--set", f"runtime.ray_address={ray_address}",
             "--set", "grid.shape=1x2",
             "--set", "faults.perturb_replica_at_steps=[4]", "--run-dir", str(run_dir),
             "--data-cache", str(tmp_path / "cache")]

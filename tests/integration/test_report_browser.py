@@ -34,7 +34,7 @@ RUN = ["model.name=tiny_cnn", "data.source=synthetic", "data.synthetic_samples=1
        "schedule.epochs=2", "schedule.warmup_epochs=0.25",
        "schedule.phases=[{start_epoch: 0, global_batch: 32}, {start_epoch: 1, global_batch: 64}]",
        "elastic.commit_every_steps=2", "checkpoint.every_steps=5", "runtime.progress=false",
-       "runtime.ray_address=local", "collective.timeout_s=20",
+       "collective.timeout_s=20",
        "collective.algorithm=auto"]  # the cost model's choice, said and recorded per grid
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
@@ -60,18 +60,20 @@ addEventListener("load", () => {
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
-def run_job(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_job(run_dir: Path, ray_address: str, *overrides: str) -> subprocess.CompletedProcess:
+    """The job, joined to this pytest process's Ray (tests/integration/conftest.py)."""
     args = [sys.executable, "-m", "flashtrain.jobs.imagenet", "--run-dir", str(run_dir)]
-    for item in RUN + list(overrides):
+    for item in [*RUN, f"runtime.ray_address={ray_address}", *overrides]:
         args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run(args, capture_output=True, text=True, timeout=400, env=env)
 
 
 @pytest.fixture(scope="module")
-def finished_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def finished_job(tmp_path_factory, ray_address) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("report") / "run"
-    result = run_job(run_dir, "faults.kill_worker_at_steps=[4]", "runtime.tensorboard=true")
+    result = run_job(run_dir, ray_address, "faults.kill_worker_at_steps=[4]",
+                     "runtime.tensorboard=true")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"report {run_dir / 'report.html'}" in result.stdout
     return run_dir, result

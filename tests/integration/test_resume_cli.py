@@ -82,16 +82,19 @@ def step_losses(run_dir: Path) -> tuple[dict[int, float], int]:
     return losses, twice
 
 
-def test_interrupt_refuse_resume_and_resume_a_finished_run(tmp_path):
+def test_interrupt_refuse_resume_and_resume_a_finished_run(tmp_path, ray_address):
     run_dir = tmp_path / "smoke"  # absolute: used exactly as given
     common = ["--data-cache", str(tmp_path / "cache")]
     # Two epochs of 23 steps: the interruption lands far from the run's end (with one
     # epoch a fresh-clone CI run's job had finished its last 10 steps before the signal
     # arrived, and printed nothing).
-    # A 1x2 grid: what is resumed does not depend on the grid's shape.
+    # A 1x2 grid: what is resumed does not depend on the grid's shape. The jobs join this
+    # pytest process's Ray, as jobs join the cluster of `ray start` (the resume too: the
+    # address is part of the recorded configuration).
     first = ["--config", "jobs/cpu-smoke.yaml", "--set", "schedule.epochs=2", "--set",
              "schedule.phases=[{start_epoch: 0, global_batch: 64}]", "--set", "grid.shape=1x2",
-             "--set", "runtime.ray_address=local", "--run-dir", str(run_dir), *common]
+             "--set", f"runtime.ray_address={ray_address}", "--run-dir", str(run_dir),
+             *common]
     # cpu-smoke checkpoints every 10 steps: interrupted past 12, it resumes from step 10.
     assert interrupt_after(first, run_dir, step=12) == 130
     before = files_of(run_dir)
