@@ -1,5 +1,8 @@
 # Two commands on a fresh machine: `make run` and `make test`. Both create the virtual
 # environment and install flashtrain into it when it is missing or out of date.
+# Two jobs at once: on a fresh machine `make test` installs the virtual environment and
+# Chromium side by side (both mostly wait on downloads), then runs the tests.
+MAKEFLAGS += -j2
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.flashtrain-installed
