@@ -49,7 +49,8 @@ def ray_address(ray_session) -> str:
     30 nodes, 300 s of CPU in those processes). Tests of starting a local Ray
     (``test_bounded_waits.py``, the benchmarks) still start their own. The jobs of one
     pytest process run one after another, and Ray removes a job's actors and placement
-    groups when its driver exits, however it exits."""
+    groups when its driver exits, however it exits (checked here: a driver SIGKILLed
+    while holding an actor and a placement group; both were gone within a second)."""
     return ray_session.get_runtime_context().gcs_address
 
 
