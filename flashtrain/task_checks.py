@@ -20,15 +20,12 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from flashtrain.config import FlashtrainConfig
+from flashtrain.errors import TaskError
 from flashtrain.task import Task, build_seeded
 from flashtrain.train.data import DatasetPair, task_datasets
 from flashtrain.train.metrics import task_name
 
 _LISTED = 8  # how many of a module's names a message lists
-
-
-class TaskError(ValueError):
-    """A task that cannot be trained; the message says what is wrong and the fix."""
 
 
 # --------------------------------------------------------------------------- finding it

@@ -22,7 +22,6 @@ from flashtrain.jobs.job import (  # noqa: F401 - the job's helpers, as callers 
     write_run_report,
 )
 from flashtrain.jobs.job import parse_args as _parse_job_args
-from flashtrain.tasks.images import ImageClassification
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +33,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_job(args, lambda config: ImageClassification.from_config(config, args.data_cache))
+
+    def make_task(config):
+        # Imported once the config is resolved: a bad one stops before torch is imported.
+        from flashtrain.tasks.images import ImageClassification
+
+        return ImageClassification.from_config(config, args.data_cache)
+
+    return run_job(args, make_task)
 
 
 if __name__ == "__main__":

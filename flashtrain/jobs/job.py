@@ -21,9 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flashtrain.config import ConfigError, FlashtrainConfig, dump_config, load_config
 from flashtrain.connect import choose_address
+from flashtrain.errors import CheckpointError, TaskError
 from flashtrain.preflight import PreflightError, check_before_start, initial_num_workers
 from flashtrain.runs import (
     RunsRoot,
@@ -35,9 +37,6 @@ from flashtrain.runs import (
     run_path,
     where_and_why,
 )
-from flashtrain.task import Task
-from flashtrain.task_checks import TaskError, check_task, ship_task_module
-from flashtrain.train.checkpoint import CheckpointError
 from flashtrain.train.metrics import (
     METRICS_FILE,
     SUMMARY_FILE,
@@ -54,6 +53,9 @@ from flashtrain.train.segments import (
     segment_steps,
     whole_run_summary,
 )
+
+if TYPE_CHECKING:  # torch: imported where a task is checked or trained, not for a bad config
+    from flashtrain.task import Task
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -225,6 +227,8 @@ def start_checks(config: FlashtrainConfig, task: Task):
     answers and can hold the grid. Returns the emulated cluster, if any, and whether
     this job started or joined Ray itself (so ends it), rather than finding it running
     in this process; raises PreflightError (with Ray shut down again)."""
+    from flashtrain.task_checks import check_task
+
     check_task(task, config)
     check_before_start(config)
     import ray
@@ -307,6 +311,7 @@ def start_job(args: argparse.Namespace, job: PreparedJob) -> int:
 def train(config: FlashtrainConfig, args: argparse.Namespace, run_dir: Path,
           job: PreparedJob) -> int:
     from flashtrain.driver.trainer import Trainer
+    from flashtrain.task_checks import ship_task_module
 
     root, cluster, fresh, task = job.root, job.cluster, job.fresh, job.task
     print(f"flashtrain: run directory {run_dir} ({where_and_why(root, args.run_dir)})",

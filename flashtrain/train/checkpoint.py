@@ -29,15 +29,13 @@ from typing import Any
 
 import torch
 
+from flashtrain.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 PAYLOAD_FORMAT = 1
 _NAME_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
 _HASH_CHUNK = 1 << 20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupt or not a flashtrain payload."""
 
 
 def checkpoint_path(directory: Path | str, step: int) -> Path:

@@ -92,3 +92,16 @@ def test_cli_bad_config_exits_nonzero_with_one_message(tmp_path):
     assert result.returncode == 2
     assert "grid.shape" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_config_stops_before_torch_is_imported(tmp_path):
+    # A mistyped --set or config file answers at once: the job resolves and checks its
+    # configuration before it imports torch (seconds of CPU) for the task.
+    probe = ("import sys; from flashtrain.jobs.imagenet import main; "
+             f"code = main(['--set', 'schedule.epochs=-1', '--run-dir', {str(tmp_path / 'run')!r}]); "
+             "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
+    assert "schedule.epochs" in result.stderr
+    assert not (tmp_path / "run").exists()
