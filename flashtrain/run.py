@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import sys
 
-from flashtrain.jobs.job import EXIT_CONFIG, parse_args, run_job
-from flashtrain.task_checks import TaskError, load_task
+from flashtrain.jobs.job import parse_args, run_job
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        task = load_task(args.task)
-    except TaskError as err:
-        print(f"flashtrain: {err}", file=sys.stderr)
-        return EXIT_CONFIG
-    return run_job(args, lambda config: task)
+
+    def make_task(config):
+        # Loaded once the config is resolved (a bad one stops before the task's module, and
+        # torch with it, is imported); its TaskError is the job's: one message, status 2.
+        from flashtrain.task_checks import load_task
+
+        return load_task(args.task)
+
+    return run_job(args, make_task)
 
 
 if __name__ == "__main__":
