@@ -6,8 +6,9 @@ step 3, restarted from step 0.
 flashtrain's side of the benchmark is the same kill (``faults.kill_during=allreduce`` at a
 step) that ``test_elastic.py`` makes inside a relay tree's all-reduce, so this smoke runs
 only the peer (``--systems raytrain``): the one part of the benchmark no other test runs
-(measured alone, minutes apart: Ray Train's side 108 s of CPU, flashtrain's 42 s). The table and the common measures over both systems' rows
-are checked on known timelines in ``tests/unit/test_elastic_table.py``.
+(measured alone, minutes apart: Ray Train's side 108 s of CPU, flashtrain's 42 s). The
+table and the common measures over both systems' rows are checked on known timelines in
+``tests/unit/test_elastic_table.py``.
 
 It runs as a user would, in a subprocess: the benchmark starts (and shuts down) its own
 local Ray, with the dashboard Ray Train needs, so it must not share this process's Ray.
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 KILL_AT_STEP = 3
 
 
-# Marked slow: about 80 s alone on 2 cores, 145 to 155 s in `make test`. Ray Train starts
+# Marked slow: about 80 s alone on 2 cores, 115 to 170 s in `make test`. Ray Train starts
 # its worker group twice (with its controller and helper actors) and paces reports to its
 # 2 s poll of the workers.
 @pytest.mark.slow

@@ -15,6 +15,7 @@ ray = pytest.importorskip("ray")
 NUM_STEPS = 3
 BATCH = 4
 BUCKET_BYTES = 2**16  # 14 buckets of the model's 1.4 MB of gradients (ResNet-18 had 20)
+COLLECTIVE_TIMEOUT_S = 60.0
 
 
 def build_model(with_unused: bool = True):
@@ -34,15 +35,20 @@ def build_model(with_unused: bool = True):
 class Replica:
     """One grid cell that trains a model with either synchronizer."""
 
-    def __init__(self, grid: Grid, rank: int, generation: int, timeout_s: float = 60.0):
+    def __init__(self, grid: Grid, rank: int, generation: int):
         torch.set_num_threads(1)
-        from flashtrain.collective import join_grid, register
+        from flashtrain.collective import register
 
         register()
         self.rank = rank
-        self.comm = join_grid(grid, rank, generation, timeout_s=timeout_s,
-                              rendezvous_timeout_s=120.0, prefix="overlap-")
+        self.comm = self._join(grid, generation)
         self.sync = None
+
+    def _join(self, grid: Grid, generation: int):
+        from flashtrain.collective import join_grid
+
+        return join_grid(grid, self.rank, generation, timeout_s=COLLECTIVE_TIMEOUT_S,
+                         rendezvous_timeout_s=120.0, prefix="overlap-")
 
     def train(self, overlap: bool, algorithm: str, bucket_bytes: int,
               empty_share_at: int | None = None, drain_before_sync: bool = False) -> dict:
@@ -102,11 +108,10 @@ class Replica:
 
     def rejoin(self, grid: Grid, generation: int) -> bool:
         """Leave this member's grid (aborted or not) and join generation ``generation``."""
-        from flashtrain.collective import join_grid, leave_grid
+        from flashtrain.collective import leave_grid
 
         leave_grid(self.comm)
-        self.comm = join_grid(grid, self.rank, generation, timeout_s=60.0,
-                              rendezvous_timeout_s=120.0, prefix="overlap-")
+        self.comm = self._join(grid, generation)
         return True
 
     @ray.method(concurrency_group="control")
